@@ -1,0 +1,1 @@
+"""The ``gift-fast`` command line (installed as ``gift_fast.cli``)."""

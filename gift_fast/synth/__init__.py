@@ -1,0 +1,1 @@
+"""Synthetic data engine: prompts from class names, image generators, the writer."""

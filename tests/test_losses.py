@@ -1,0 +1,192 @@
+"""The reference losses against an independent float64 evaluation of METHOD.md."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gift_fast.losses import feature_distill_loss, gift_distill_loss
+
+
+def _independent(img_s, txt_s, img_t, txt_t, labels, s, tau, ls, mode):
+    """METHOD.md's formulas, written out row by row in float64 (no shared helpers)."""
+    def n(x):
+        return x / torch.sqrt((x * x).sum(1, keepdim=True))
+
+    I, T, It, Tt = n(img_s), n(txt_s), n(img_t), n(txt_t)
+    if mode == "image_only":
+        S = s * I @ Tt.T
+    elif mode == "text_only":
+        S = s * It @ T.T
+    else:
+        S = s * I @ T.T
+    St = s * It @ Tt.T
+    B = S.shape[0]
+
+    def ce_rows(Z, P):  # mean_i -sum_k P_ik log softmax(Z_i)_k
+        total = 0.0
+        for i in range(B):
+            z = Z[i]
+            lse = z.max() + torch.log(torch.exp(z - z.max()).sum())
+            total = total - (P[i] * (z - lse)).sum()
+        return total / B
+
+    def softmax_rows(Z):
+        e = torch.exp(Z - Z.max(1, keepdim=True).values)
+        return e / e.sum(1, keepdim=True)
+
+    cd_i = tau ** 2 * ce_rows(S / tau, softmax_rows(St / tau))
+    cd_t = tau ** 2 * ce_rows(S.T / tau, softmax_rows(St.T / tau))
+    if mode == "kl":
+        for P, k in ((softmax_rows(St / tau), 0), (softmax_rows(St.T / tau), 1)):
+            ent = -(P * torch.log(P)).sum(1).mean()
+            if k == 0:
+                cd_i = cd_i - tau ** 2 * ent
+            else:
+                cd_t = cd_t - tau ** 2 * ent
+    A = torch.zeros(B, B, dtype=torch.float64)
+    for i in range(B):
+        for j in range(B):
+            A[i, j] = float(labels[i] == labels[j])
+    A = A / A.sum(1, keepdim=True)
+    A = (1 - ls) * A + ls / B
+    return cd_i, cd_t, ce_rows(S, A), ce_rows(S.T, A.T)
+
+
+def _inputs(B, D, dtype=torch.float64, dup=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(4)]
+    # the teacher close to the student, as in training
+    xs[2] = xs[0] + 0.3 * xs[2]
+    xs[3] = xs[1] + 0.3 * xs[3]
+    labels = (torch.randint(0, max(1, B // 3), (B,), generator=g) if dup else torch.randperm(B, generator=g))
+    return [x.to(dtype) for x in xs], labels
+
+
+@pytest.mark.parametrize("mode", ["contrastive", "image_only", "text_only", "kl"])
+@pytest.mark.parametrize("B,D", [(1, 4), (2, 3), (5, 7), (17, 33)])
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+@pytest.mark.parametrize("dup", [False, True])
+def test_reference_matches_method_float64(mode, B, D, ls, dup):
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(B, D, dup=dup, seed=B * 31 + D)
+    s, tau, wcd, wita = 100.0, 2.0, 1.0, 0.25
+    leaves = [x.clone().requires_grad_(True) for x in (img_s, txt_s)]
+    total, parts = gift_distill_loss(leaves[0], leaves[1], img_t, txt_t, labels, logit_scale=s, temperature=tau,
+                                     label_smoothing=ls, cd_weight=wcd, ita_weight=wita, mode=mode,
+                                     return_parts=True)
+    assert total.dtype == torch.float64 and total.dim() == 0
+    total.backward()
+
+    ind_leaves = [x.clone().requires_grad_(True) for x in (img_s, txt_s)]
+    cd_i, cd_t, ita_i, ita_t = _independent(ind_leaves[0], ind_leaves[1], img_t, txt_t, labels, s, tau, ls, mode)
+    expected = wcd * (cd_i + cd_t) + wita * (ita_i + ita_t)
+    expected.backward()
+
+    torch.testing.assert_close(total, expected.detach(), rtol=1e-10, atol=1e-10)
+    for name, value in zip(("cd_image", "cd_text", "ita_image", "ita_text"),
+                           (wcd * cd_i, wcd * cd_t, wita * ita_i, wita * ita_t)):
+        torch.testing.assert_close(parts[name], value.detach(), rtol=1e-10, atol=1e-10)
+    for got, want in zip(leaves, ind_leaves):
+        if want.grad is None:  # unused by this mode
+            assert got.grad is None
+        else:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_modes_route_gradients():
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(6, 5)
+    for mode, img_used, txt_used in (("image_only", True, False), ("text_only", False, True),
+                                     ("contrastive", True, True)):
+        a, b = img_s.clone().requires_grad_(), txt_s.clone().requires_grad_()
+        gift_distill_loss(a, b, img_t, txt_t, labels, mode=mode).backward()
+        assert (a.grad is not None) == img_used and (b.grad is not None) == txt_used
+
+
+def test_identical_student_and_teacher_give_teacher_entropy_and_zero_kl():
+    (img_s, txt_s, _, _), labels = _inputs(9, 6)
+    kl = gift_distill_loss(img_s, txt_s, img_s, txt_s, labels, ita_weight=0.0, mode="kl")
+    assert abs(float(kl)) < 1e-10
+    # with CE the value is tau^2 * (H(rows) + H(cols)) of the teacher: positive
+    ce = gift_distill_loss(img_s, txt_s, img_s, txt_s, labels, ita_weight=0.0)
+    assert float(ce) > 0
+
+
+def test_gradcheck_float64():
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(4, 3, dup=True)
+    f = lambda a, b: gift_distill_loss(a, b, img_t, txt_t, labels, logit_scale=5.0)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (img_s.requires_grad_(), txt_s.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs_compute_in_float32(dtype):
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(13, 24, dup=True)
+    ref = gift_distill_loss(img_s, txt_s, img_t, txt_t, labels)
+    lo = [x.to(dtype).requires_grad_(True) for x in (img_s, txt_s)]
+    got = gift_distill_loss(lo[0], lo[1], img_t.to(dtype), txt_t.to(dtype), labels)
+    assert got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert abs(float(got) - float(ref)) <= tol * abs(float(ref)) + tol
+    got.backward()
+    assert lo[0].grad.dtype == dtype and torch.isfinite(lo[0].grad.float()).all()
+
+
+def test_extreme_scale_is_finite():
+    # near-identical rows at s = 100: the softmax must not overflow
+    base = torch.randn(1, 16, dtype=torch.float64)
+    img = base + 1e-6 * torch.randn(8, 16, dtype=torch.float64)
+    txt = base + 1e-6 * torch.randn(8, 16, dtype=torch.float64)
+    img = (1e4 * img).requires_grad_()
+    loss = gift_distill_loss(img, txt, img.detach(), txt, torch.arange(8))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(img.grad).all()
+
+
+def test_non_contiguous_inputs():
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(7, 10)
+    wide = torch.randn(7, 20, dtype=torch.float64)
+    wide[:, ::2] = img_s
+    a = gift_distill_loss(wide[:, ::2], txt_s, img_t, txt_t, labels)
+    b = gift_distill_loss(img_s, txt_s, img_t, txt_t, labels)
+    torch.testing.assert_close(a, b)
+
+
+def test_weights_scale_parts():
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(5, 4)
+    _, p1 = gift_distill_loss(img_s, txt_s, img_t, txt_t, labels, cd_weight=1.0, ita_weight=1.0, return_parts=True)
+    _, p2 = gift_distill_loss(img_s, txt_s, img_t, txt_t, labels, cd_weight=3.0, ita_weight=0.5, return_parts=True)
+    torch.testing.assert_close(p2["cd_image"], 3 * p1["cd_image"])
+    torch.testing.assert_close(p2["ita_text"], 0.5 * p1["ita_text"])
+
+
+def test_feature_distill_loss_float64():
+    (img_s, txt_s, img_t, txt_t), _ = _inputs(6, 5)
+    total, parts = feature_distill_loss(img_s, txt_s, img_t, txt_t, weight=2.0, return_parts=True)
+    def n(x):
+        return x / x.norm(dim=1, keepdim=True)
+    want_i = 2.0 * ((n(img_s) - n(img_t)) ** 2).sum(1).mean()
+    want_t = 2.0 * ((n(txt_s) - n(txt_t)) ** 2).sum(1).mean()
+    torch.testing.assert_close(parts["feat_image"], want_i)
+    torch.testing.assert_close(total, want_i + want_t)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(img_s=torch.randn(4, 3)), "img_s has shape"),
+    (dict(txt_t=torch.randn(5, 2)), "txt_t has shape"),
+    (dict(img_s=torch.randn(0, 3), txt_s=torch.randn(0, 3), img_t=torch.randn(0, 3), txt_t=torch.randn(0, 3),
+          labels=torch.zeros(0, dtype=torch.long)), "B = 0"),
+    (dict(labels=torch.arange(4)), r"labels must have shape \[5\]"),
+    (dict(labels=torch.zeros(5)), "labels must be integer"),
+    (dict(img_s=torch.randn(5)), r"img_s must have shape \[B, D\]"),
+    (dict(img_s=torch.ones(5, 3, dtype=torch.long)), "floating-point"),
+    (dict(mode="both"), "mode must be one of"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    kwargs = dict(img_s=torch.randn(5, 3), txt_s=torch.randn(5, 3), img_t=torch.randn(5, 3),
+                  txt_t=torch.randn(5, 3), labels=torch.arange(5))
+    kwargs.update(bad)
+    pos = [kwargs.pop(k) for k in ("img_s", "txt_s", "img_t", "txt_t", "labels")]
+    with pytest.raises(ValueError, match=match):
+        gift_distill_loss(*pos, **kwargs)
