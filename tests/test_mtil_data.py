@@ -57,6 +57,10 @@ def test_known_label_orders():
     assert mtil.classnames("CIFAR100")[1] == "aquarium fish"
     assert mtil.classnames("SUN397")[:2] == ["abbey", "airplane cabin"]
     assert mtil.classnames("Food")[0] == "apple pie"
+    # torchvision's Food101 sorts the raw folder names: "cheese_plate" < "cheesecake".
+    assert mtil.classnames("Food").index("cheese plate") + 1 == mtil.classnames("Food").index("cheesecake")
+    # SUN397 keeps ClassName.txt's order: "/j/jail/indoor" < "/j/jail_cell".
+    assert mtil.classnames("SUN397").index("jail indoor") + 1 == mtil.classnames("SUN397").index("jail cell")
 
 
 def test_clean_classname():
