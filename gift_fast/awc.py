@@ -20,12 +20,17 @@ rounding to the gradient's dtype); the penalty is a float32 0-dim tensor.
 This file is the plain PyTorch reference (``backend="torch"``). ``backend="triton"``
 moves the parameters into flat buckets and runs the fused kernels of
 ``gift_fast.kernels.awc``; ``"auto"`` picks Triton when the parameters are on CUDA.
+With Triton, ``p.data`` and ``p.grad`` become views of flat (device, dtype) buffers
+(same Parameter objects, same ``state_dict``): zero gradients with ``awc.zero_grad()``
+or ``optimizer.zero_grad(set_to_none=False)`` so that backward accumulates into the
+views; a gradient that is not the view any more is copied back in (correct, slower).
+``foreach_awc_step`` is the same step with ``torch._foreach`` ops (a baseline).
 """
 from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -90,6 +95,10 @@ class AdaptiveWeightConsolidation:
         self._anchor: Dict[str, torch.Tensor] = {}
         self._fisher: Dict[str, Optional[torch.Tensor]] = {n: None for n in self.params}
         self.num_fisher_updates = 0
+        self._flat = None
+        if self.backend == "triton":
+            from gift_fast.kernels.awc import FlatAWC  # moves the parameters into flat buckets
+            self._flat = FlatAWC(self.params)
 
     # ------------------------------------------------------------------ helpers
     def _resolve_backend(self, backend: str) -> str:
@@ -105,10 +114,14 @@ class AdaptiveWeightConsolidation:
     @torch.no_grad()
     def set_anchor(self) -> None:
         """theta* <- the current weights (call at the start of every task)."""
+        if self._flat is not None:
+            return self._flat.set_anchor()
         self._anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
     def reset_fisher(self) -> None:
         """Forget F (the static variant re-estimates it before each task)."""
+        if self._flat is not None:
+            self._flat.reset_fisher()
         self._fisher = {n: None for n in self.params}
         self.num_fisher_updates = 0
 
@@ -122,6 +135,10 @@ class AdaptiveWeightConsolidation:
         if decay is None:
             decay = (self.num_fisher_updates / (self.num_fisher_updates + 1)
                      if self.fisher_kind == "static" else self.decay)
+        if self._flat is not None:
+            self._flat.update_fisher(decay, self.eps)
+            self.num_fisher_updates += 1
+            return
         for n, p in self.params.items():
             f_new = fisher_from_grad(p.grad, p, self.eps)
             old = self._fisher[n]
@@ -132,7 +149,7 @@ class AdaptiveWeightConsolidation:
         if self.fisher_kind == "uniform":
             p = self.params[name]
             return torch.ones(p.shape, dtype=torch.float32, device=p.device)
-        f = self._fisher[name]
+        f = self._flat.fisher(name) if self._flat is not None else self._fisher[name]
         if f is None:
             raise RuntimeError(
                 "no Fisher estimate yet: with fisher='static' call update_fisher() on synthetic batches "
@@ -142,6 +159,8 @@ class AdaptiveWeightConsolidation:
     @torch.no_grad()
     def apply_penalty(self) -> torch.Tensor:
         """Add ``2 * strength * F * (p - theta*)`` into ``.grad``; return the penalty value."""
+        if self._flat is not None:
+            return self._flat.apply_penalty(self.strength, uniform=self.fisher_kind == "uniform")
         if not self._anchor:
             raise RuntimeError("set_anchor() must be called (at the start of the task) before step()")
         device = next(iter(self.params.values())).device
@@ -159,6 +178,11 @@ class AdaptiveWeightConsolidation:
 
     def step(self) -> torch.Tensor:
         """After ``backward(L_kd)``: update F (adaptive), add the penalty gradient, return the penalty."""
+        if self._flat is not None and self.fisher_kind == "adaptive":
+            # one fused pass: the Fisher update reads the gradients before the penalty joins them
+            penalty = self._flat.step(self.decay, self.strength, self.eps)
+            self.num_fisher_updates += 1
+            return penalty
         if self.fisher_kind == "adaptive":
             self.update_fisher()
         return self.apply_penalty()
@@ -170,13 +194,34 @@ class AdaptiveWeightConsolidation:
         return self._current_fisher(name)
 
     def anchor(self, name: str) -> torch.Tensor:
+        if self._flat is not None:
+            return self._flat.anchor(name)
         return self._anchor[name]
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        """Zero the consolidated parameters' gradients.
+
+        Triton: fills the flat gradient buffers (one launch per bucket) and keeps every
+        ``p.grad`` a view of them, so that backward accumulates in place; torch: sets them
+        to None. Gradients of excluded parameters (``logit_scale``) are not touched.
+        """
+        if self._flat is not None:
+            return self._flat.zero_grad()
+        for p in self.params.values():
+            p.grad = None
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        """Flat tensor dict (safetensors-friendly): ``anchor.<name>``, ``fisher.<name>``, counters."""
-        state = {f"anchor.{n}": t for n, t in self._anchor.items()}
-        state.update({f"fisher.{n}": f for n, f in self._fisher.items() if f is not None})
+        """Flat tensor dict (safetensors-friendly): ``anchor.<name>``, ``fisher.<name>``, counters.
+
+        The same keys with either backend, so checkpoints move between them.
+        """
+        if self._flat is not None:
+            state = self._flat.state_dict()
+        else:
+            state = {f"anchor.{n}": t for n, t in self._anchor.items()}
+            state.update({f"fisher.{n}": f for n, f in self._fisher.items() if f is not None})
         state["num_fisher_updates"] = torch.tensor(self.num_fisher_updates)
         return state
 
@@ -185,11 +230,53 @@ class AdaptiveWeightConsolidation:
         unknown = [k for k in state if k.split(".", 1)[-1] not in self.params and k != "num_fisher_updates"]
         if unknown:
             raise ValueError(f"AWC state has entries for parameters this model lacks: {unknown[:5]}")
+        if self._flat is not None:
+            self._flat.load_state_dict(state)
+            self.num_fisher_updates = int(state.get("num_fisher_updates", torch.tensor(0)))
+            return
         self._anchor = {n: state[f"anchor.{n}"].to(p.device, p.dtype).clone()
                         for n, p in self.params.items() if f"anchor.{n}" in state}
         self._fisher = {n: (state[f"fisher.{n}"].to(p.device, torch.float32).clone()
                             if f"fisher.{n}" in state else None) for n, p in self.params.items()}
         self.num_fisher_updates = int(state.get("num_fisher_updates", torch.tensor(0)))
+
+
+@torch.no_grad()
+def foreach_awc_step(params: Sequence[torch.nn.Parameter], anchors: Sequence[torch.Tensor],
+                     fishers: Optional[List[torch.Tensor]] = None, *, strength: float = 1.0, decay: float = 0.0,
+                     eps: float = ZERO_GRAD_FISHER) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """One adaptive AWC step with ``torch._foreach`` ops: the stock-tools baseline.
+
+    The same math as ``AdaptiveWeightConsolidation.step()`` on lists of tensors: ``fishers``
+    is the previous F per tensor (float32, updated in place) or None for the first step;
+    returns ``(penalty, fishers)``. The per-tensor means are read on the host once per step
+    (ScalarList ops take host numbers): one device sync. Missing gradients become zeros.
+    """
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    g32 = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    sums = torch.stack(torch._foreach_norm(g32)).square()
+    means = (sums / torch.tensor([float(g.numel()) for g in g32], device=sums.device)).tolist()
+    f_new = torch._foreach_mul(g32, g32)
+    torch._foreach_div_(f_new, [m if m > 0 else 1.0 for m in means])
+    for f, m in zip(f_new, means):
+        if not m > 0:
+            f.fill_(eps)
+    if fishers is None:
+        fishers = f_new
+    else:
+        torch._foreach_mul_(fishers, decay)
+        torch._foreach_add_(fishers, f_new, alpha=1.0 - decay)
+    d = torch._foreach_sub([p.float() for p in params], [a.float() for a in anchors])
+    fd = torch._foreach_mul(fishers, d)
+    terms = torch._foreach_mul(fd, d)
+    penalty = strength * torch.stack(torch._foreach_norm(terms, 1)).sum()  # F d^2 >= 0: L1 norm = sum
+    torch._foreach_mul_(fd, 2.0 * strength)
+    torch._foreach_add_(grads, fd)
+    return penalty, fishers
 
 
 def _triton_importable() -> bool:
@@ -200,4 +287,4 @@ def _triton_importable() -> bool:
         return False
 
 
-__all__ = ["AdaptiveWeightConsolidation", "fisher_from_grad", "is_excluded", "FISHER_KINDS"]
+__all__ = ["AdaptiveWeightConsolidation", "fisher_from_grad", "foreach_awc_step", "is_excluded", "FISHER_KINDS"]
