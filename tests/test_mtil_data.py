@@ -69,8 +69,20 @@ def test_clean_classname():
     assert mtil.clean_classname("  aquarium__fish ") == "aquarium fish"
 
 
+def _open_clip_module(name):
+    """open_clip's pure-data module ``name`` run from its file: importing the open_clip package costs
+    seconds (torch, timm, transformers), these files import nothing."""
+    root = _package_root("open_clip")
+    if root is None:
+        pytest.skip("open_clip not installed")
+    ns = {}
+    with open(os.path.join(root, "open_clip", name + ".py")) as f:
+        exec(compile(f.read(), name, "exec"), ns)
+    return type("Module", (), ns)
+
+
 def test_imagenet_matches_open_clip():
-    zsm = pytest.importorskip("open_clip.zero_shot_metadata")
+    zsm = _open_clip_module("zero_shot_metadata")
     assert mtil.imagenet_classnames() == list(zsm.IMAGENET_CLASSNAMES)
     assert [t.format("X") for t in mtil.imagenet_templates()] == [f("X") for f in zsm.OPENAI_IMAGENET_TEMPLATES]
 
@@ -110,3 +122,184 @@ def test_generator_rejects_a_wrong_count(tmp_path):
     ns = {}
     exec(compile(text, "mtil_metadata.py", "exec"), ns)
     assert ns["CLASSNAMES"] == md.CLASSNAMES
+
+
+# --------------------------------------------------------------------------- data wiring on fake folders
+import json
+import shutil
+import warnings
+
+import numpy as np
+import torch
+
+from gift_fast.data.cache import CachedImageDataset, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, clip_eval_transform
+from gift_fast.data.fake_mtil import make_fake_mtil_root, relaxed_md5_checks
+
+SIZE = 16   # small images keep the caches tiny
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mtil")
+    sizes = make_fake_mtil_root(str(root))
+    return str(root), sizes
+
+
+@pytest.fixture
+def relaxed():
+    with relaxed_md5_checks():
+        yield
+
+
+def test_mean_std_are_open_clips():
+    consts = _open_clip_module("constants")
+    assert OPENAI_DATASET_MEAN == tuple(consts.OPENAI_DATASET_MEAN)
+    assert OPENAI_DATASET_STD == tuple(consts.OPENAI_DATASET_STD)
+
+
+def test_check_task_data_sees_every_fake_layout(fake_root, relaxed):
+    root, sizes = fake_root
+    for task in MTIL_TASKS:
+        row = mtil.check_task_data(task, root)
+        assert row["present"], row
+        assert (row["train"], row["test"]) == sizes[task], task
+
+
+@pytest.mark.parametrize("task", MTIL_TASKS)
+def test_build_task_uncached(fake_root, relaxed, task):
+    root, sizes = fake_root
+    spec = mtil.build_task(task, root, image_size=SIZE)
+    assert spec.name == task and spec.classnames == mtil.classnames(task)
+    assert spec.templates == mtil.templates(task)
+    assert spec.lr == (5e-5 if task in ("Aircraft", "MNIST") else 1e-5)
+    assert (len(spec.train), len(spec.test)) == sizes[task]
+    assert spec.meta["train_size"] == sizes[task][0] and not spec.meta["cached"]
+    raw = mtil.open_splits(task, root)
+    tf = clip_eval_transform(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    for part in ("train", "test"):
+        ds = getattr(spec, part)
+        for i in (0, len(ds) - 1):
+            x, y = ds[i]
+            assert x.dtype == torch.float32 and x.shape == (3, SIZE, SIZE)
+            assert isinstance(y, int) and 0 <= y < len(spec.classnames)
+            img, y_raw = raw[part][i]
+            assert y == y_raw and torch.equal(x, tf(img))
+
+
+@pytest.mark.parametrize("task", MTIL_TASKS)
+def test_build_task_cached_is_bit_identical(fake_root, relaxed, task, tmp_path):
+    root, sizes = fake_root
+    plain = mtil.build_task(task, root, image_size=SIZE)
+    cached = mtil.build_task(task, root, image_size=SIZE, cache_dir=str(tmp_path), num_workers=0, progress=False)
+    assert cached.train.built and cached.test.built and cached.meta["cached"]
+    assert isinstance(cached.test, CachedImageDataset)
+    for part in ("train", "test"):
+        a, b = getattr(plain, part), getattr(cached, part)
+        assert len(a) == len(b) == sizes[task][part == "test"]
+        for i in range(0, len(a), max(1, len(a) // 7)):
+            xa, ya = a[i]
+            xb, yb = b[i]
+            assert ya == yb and torch.equal(xa, xb), (task, part, i)
+    again = mtil.build_task(task, root, image_size=SIZE, cache_dir=str(tmp_path), num_workers=0, progress=False)
+    assert not again.train.built and not again.test.built          # a hit: nothing decoded
+
+
+def test_seeded_split_record(fake_root, relaxed, tmp_path):
+    root, sizes = fake_root
+    spec = mtil.build_task("EuroSAT", root, image_size=SIZE, split_record_dir=str(tmp_path))
+    rec_path = tmp_path / "EuroSAT-split.json"
+    rec = json.loads(rec_path.read_text())
+    assert spec.meta["split"] == {"kind": "seeded", "seed": 42, "train_fraction": 0.8, "record": str(rec_path)}
+    assert (len(rec["train"]), len(rec["test"])) == sizes["EuroSAT"]
+    assert not set(rec["train"]) & set(rec["test"])
+    assert len(set(rec["train"]) | set(rec["test"])) == rec["n"] == sum(sizes["EuroSAT"])
+    assert all(p.startswith("eurosat/2750/") for p in rec["train"])
+    # The same seed again agrees with the record; another seed is refused.
+    mtil.build_task("EuroSAT", root, image_size=SIZE, split_record_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="differs from the one recorded"):
+        mtil.build_task("EuroSAT", root, image_size=SIZE, split_seed=1, split_record_dir=str(tmp_path))
+    other = mtil.open_splits("EuroSAT", root, split_seed=1)
+    assert sorted(other["train"].files) != sorted(mtil.open_splits("EuroSAT", root)["train"].files)
+
+
+def test_seeded_split_is_random_split_on_sorted_keys():
+    keys = [f"k{i:03d}" for i in range(53)]
+    train, test = mtil.seeded_split(keys, seed=42, train_fraction=0.8)
+    a, b = torch.utils.data.random_split(range(53), [42, 11], generator=torch.Generator().manual_seed(42))
+    assert train == sorted(a.indices) and test == sorted(b.indices)
+    # The file system's listing order does not matter: the split is a function of the key set.
+    perm = np.random.default_rng(0).permutation(53)
+    shuffled = [keys[i] for i in perm]
+    tr2, te2 = mtil.seeded_split(shuffled, seed=42)
+    assert sorted(shuffled[i] for i in tr2) == sorted(keys[i] for i in train)
+    assert sorted(shuffled[i] for i in te2) == sorted(keys[i] for i in test)
+    with pytest.raises(ValueError, match="unique"):
+        mtil.seeded_split(["a", "a"], 0)
+    with pytest.raises(ValueError, match="train_fraction"):
+        mtil.seeded_split(keys, 0, train_fraction=1.0)
+
+
+def test_missing_data_is_a_clear_error_and_creates_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"(?s)caltech101/101_ObjectCategories.*gift-fast data check"):
+        mtil.build_task("Caltech101", str(empty))
+    assert list(empty.iterdir()) == []      # torchvision's Caltech101 would have made a folder
+    row = mtil.check_task_data("Food", str(empty))
+    assert not row["present"] and "food-101" in row["problem"]
+
+
+def _copy_task(fake_root, tmp_path, folder):
+    root, _ = fake_root
+    shutil.copytree(os.path.join(root, folder), tmp_path / folder)
+    return str(tmp_path)
+
+
+def test_wrong_class_list_is_refused(fake_root, tmp_path):
+    root = _copy_task(fake_root, tmp_path, "food-101")
+    meta = tmp_path / "food-101" / "meta" / "test.json"
+    d = json.loads(meta.read_text())
+    d["pizza_margherita"] = d.pop("pizza")
+    meta.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="pizza margherita"):
+        mtil.build_task("Food", root, image_size=SIZE)
+
+
+def test_class_order_comes_from_the_data(fake_root, tmp_path):
+    root = _copy_task(fake_root, tmp_path, "fgvc-aircraft-2013b")
+    variants = tmp_path / "fgvc-aircraft-2013b" / "data" / "variants.txt"
+    lines = variants.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    variants.write_text("\n".join(lines) + "\n")
+    with pytest.warns(RuntimeWarning, match="orders its classes differently"):
+        spec = mtil.build_task("Aircraft", root, image_size=SIZE)
+    want = mtil.classnames("Aircraft")
+    assert spec.classnames[:2] == want[1::-1] and spec.classnames[2:] == want[2:]
+
+
+def test_cache_key_follows_the_source_files(fake_root, relaxed, tmp_path):
+    root = _copy_task(fake_root, tmp_path, "dtd")
+    cache = tmp_path / "cache"
+    kw = dict(image_size=SIZE, cache_dir=str(cache), num_workers=0, progress=False)
+    first = mtil.build_task("DTD", root, **kw)
+    assert first.test.built
+    assert not mtil.build_task("DTD", root, **kw).test.built
+    img = tmp_path / "dtd" / "dtd" / "images" / "banded" / "banded_test_0001.jpg"
+    from PIL import Image
+    Image.new("RGB", (20, 30), (255, 0, 0)).save(img)
+    os.utime(img, ns=(1, 1_000_000_000))
+    changed = mtil.build_task("DTD", root, **kw)
+    assert changed.test.built and not changed.train.built       # only the split whose files changed
+    assert changed.test.key != first.test.key
+    bigger = mtil.build_task("DTD", root, **{**kw, "image_size": SIZE + 2})
+    assert bigger.test.built and bigger.test[0][0].shape == (3, SIZE + 2, SIZE + 2)
+
+
+def test_build_tasks_orders(fake_root, relaxed):
+    root, _ = fake_root
+    specs = mtil.build_tasks("MNIST,Food", root, image_size=SIZE)
+    assert [s.name for s in specs] == ["MNIST", "Food"]
+    specs = mtil.build_tasks(2, root, image_size=SIZE)
+    assert [s.name for s in specs][:3] == ["StanfordCars", "Food", "MNIST"] and len(specs) == 11
+    with pytest.raises(ValueError, match="unknown MTIL task"):
+        mtil.build_tasks(["Food", "Birds"], root)

@@ -127,6 +127,14 @@ _SPLIT_KWARGS: Dict[str, Optional[Dict[str, dict]]] = {
     "StanfordCars": {"train": {"split": "train"}, "test": {"split": "test"}},
     "SUN397": None,
 }
+# The folder (under the data root) each torchvision class needs; checked before the class is built
+# because some classes create folders in the data root (Caltech101 does) even when the data is absent.
+REQUIRED_DIRS: Dict[str, str] = {
+    "Aircraft": "fgvc-aircraft-2013b", "Caltech101": "caltech101/101_ObjectCategories",
+    "CIFAR100": "cifar-100-python", "DTD": "dtd/dtd", "EuroSAT": "eurosat/2750", "Flowers": "flowers-102",
+    "Food": "food-101", "MNIST": "MNIST", "OxfordPet": "oxford-iiit-pet", "StanfordCars": "stanford_cars",
+    "SUN397": "SUN397",
+}
 _POOL_KWARGS: Dict[str, dict] = {"Caltech101": {"target_type": "category"}, "EuroSAT": {}, "SUN397": {}}
 # The torchvision splits used for train / test (MTIL/ZSCL's choice), as `data check` prints them.
 SPLIT_NAMES: Dict[str, str] = {
@@ -347,6 +355,9 @@ def open_splits(task: str, data_root: str, *, download: bool = False, split_seed
     resumes on changed data fails loudly instead of mixing test images into training)."""
     _check_task(task)
     data_root = os.path.abspath(os.path.expanduser(str(data_root)))
+    required = os.path.join(data_root, *REQUIRED_DIRS[task].split("/"))
+    if not download and not os.path.isdir(required):
+        raise FileNotFoundError(f"{required} is not there")
     spec = _SPLIT_KWARGS[task]
     if spec is not None:
         out = {k: _torchvision_dataset(task, data_root, kw, download) for k, kw in spec.items()}
