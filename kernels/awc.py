@@ -57,25 +57,23 @@ SEGMENT_REDUCE_BLOCK = 1024
 
 # ============================================================================ kernels
 @triton.jit
-def _block_range(blk_seg_ptr, blk_start_ptr, seg_end_ptr, pid, BLOCK: tl.constexpr):
-    """The segment of block ``pid``, its element offsets and their mask.
+def _block_range(blk_start_ptr, blk_end_ptr, pid, BLOCK: tl.constexpr):
+    """The element offsets of block ``pid`` and their mask (the block's segment's padded end).
 
     Tables hold offsets in units of ALIGN (16) elements; multiplying by the constant
     lets the compiler prove 16-element alignment of the offsets and of the mask's
     bound, hence vectorized loads, without hints that differ between Triton versions.
     """
-    seg = tl.load(blk_seg_ptr + pid)
     start = tl.load(blk_start_ptr + pid).to(tl.int64) * 16
-    end = tl.load(seg_end_ptr + seg).to(tl.int64) * 16
+    end = tl.load(blk_end_ptr + pid).to(tl.int64) * 16
     offs = start + tl.arange(0, BLOCK)
-    return seg, offs, offs < end
+    return offs, offs < end
 
 
 @triton.jit
-def _awc_block_sumsq_kernel(grad_ptr, blk_seg_ptr, blk_start_ptr, seg_end_ptr, blk_sumsq_ptr,
-                            BLOCK: tl.constexpr):
+def _awc_block_sumsq_kernel(grad_ptr, blk_start_ptr, blk_end_ptr, blk_sumsq_ptr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    seg, offs, mask = _block_range(blk_seg_ptr, blk_start_ptr, seg_end_ptr, pid, BLOCK)
+    offs, mask = _block_range(blk_start_ptr, blk_end_ptr, pid, BLOCK)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(blk_sumsq_ptr + pid, tl.sum(g * g, axis=0))
 
@@ -97,13 +95,14 @@ def _awc_segment_mean_kernel(blk_sumsq_ptr, seg_blk_ptr, seg_numel_ptr, seg_mean
 
 @triton.jit
 def _awc_update_kernel(param_ptr, anchor_ptr, grad_ptr, fisher_ptr, pen_ptr,
-                       seg_mean_ptr, seg_has_fisher_ptr, blk_seg_ptr, blk_start_ptr, seg_end_ptr,
+                       seg_mean_ptr, seg_has_fisher_ptr, blk_seg_ptr, blk_start_ptr, blk_end_ptr,
                        decay, one_minus_decay, two_strength, strength, eps,
                        BLOCK: tl.constexpr, UPDATE_FISHER: tl.constexpr, EMA: tl.constexpr,
                        APPLY_PENALTY: tl.constexpr, UNIFORM: tl.constexpr, GRAD_F64: tl.constexpr,
                        BF16_RNE_BY_HAND: tl.constexpr):
     pid = tl.program_id(0)
-    seg, offs, mask = _block_range(blk_seg_ptr, blk_start_ptr, seg_end_ptr, pid, BLOCK)
+    offs, mask = _block_range(blk_start_ptr, blk_end_ptr, pid, BLOCK)
+    seg = tl.load(blk_seg_ptr + pid)
     g_raw = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     if UPDATE_FISHER:
         # F_new = g^2 / mean(g^2), as fisher_from_grad: eps for a zero (or missing) gradient
@@ -190,10 +189,11 @@ class _Bucket:
     grad: torch.Tensor
     anchor: Optional[torch.Tensor] = None
     fisher: Optional[torch.Tensor] = None
-    # block tables (device, int32): block -> segment, block start and segment end in units of ALIGN
+    # block tables (device, int32): block -> segment, block start and its segment's padded end
+    # (in units of ALIGN elements)
     blk_seg: torch.Tensor = None
     blk_start: torch.Tensor = None
-    seg_end: torch.Tensor = None
+    blk_end: torch.Tensor = None
     seg_blk: torch.Tensor = None          # [nseg + 1] CSR: the blocks of segment s are seg_blk[s]:seg_blk[s+1]
     seg_numel: torch.Tensor = None        # float32 [nseg]
     seg_has_fisher: torch.Tensor = None   # int32 [nseg] (device copy of has_fisher)
@@ -240,6 +240,10 @@ class FlatAWC:
             groups.setdefault((p.device, p.dtype), []).append((name, p))
         self.buckets: List[_Bucket] = [self._build_bucket(dev, dt, members) for (dev, dt), members in groups.items()]
         self._bucket_of: Dict[str, _Bucket] = {s.name: b for b in self.buckets for s in b.segments}
+        self._segment_list = list(self.segments.values())
+        self._param_list = [s.param for s in self._segment_list]
+        self._grad_view_list = [s.grad_view for s in self._segment_list]
+        self._ptr_list = [s.data_ptr for s in self._segment_list]
         self._build_block_tables()
 
     # ------------------------------------------------------------------ construction
@@ -291,20 +295,21 @@ class FlatAWC:
         per_blk = self.block_size // ALIGN
         pen_sizes: Dict[torch.device, int] = OrderedDict()
         for b in self.buckets:
-            blk_seg, blk_start, seg_blk = [], [], [0]
+            blk_seg, blk_start, blk_end, seg_blk = [], [], [], [0]
             for i, seg in enumerate(b.segments):
                 start, end = seg.offset // ALIGN, (seg.offset + _padded(seg.numel)) // ALIGN
                 starts = list(range(start, end, per_blk))
                 blk_seg += [i] * len(starts)
                 blk_start += starts
+                blk_end += [end] * len(starts)
                 seg_blk.append(len(blk_seg))
             dev = b.device
             as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
             if b.numel // ALIGN >= 2 ** 31:
                 raise ValueError("a flat AWC bucket over 2^35 elements does not fit the int32 block tables")
             b.num_blocks = len(blk_seg)
-            b.blk_seg, b.blk_start, b.seg_blk = as_i32(blk_seg), as_i32(blk_start), as_i32(seg_blk)
-            b.seg_end = as_i32([(s.offset + _padded(s.numel)) // ALIGN for s in b.segments])
+            b.blk_seg, b.blk_start, b.blk_end = as_i32(blk_seg), as_i32(blk_start), as_i32(blk_end)
+            b.seg_blk = as_i32(seg_blk)
             b.seg_numel = torch.tensor([float(s.numel) for s in b.segments], dtype=torch.float32, device=dev)
             b.seg_has_fisher = as_i32([int(h) for h in b.has_fisher])
             b.blk_sumsq = torch.zeros(b.num_blocks, dtype=torch.float32, device=dev)
@@ -339,21 +344,27 @@ class FlatAWC:
         gradient that is not the view (a fresh tensor after ``set_to_none``) is copied into
         its slot; a missing one is a zero slot. Costs nothing when the views are in place.
         """
+        segs = self._segment_list
+        # list comprehensions: ~0.5 us per tensor on the host (this runs every step)
+        ptrs = [p.data_ptr() for p in self._param_list]
+        if ptrs != self._ptr_list:
+            for seg, ptr in zip(segs, ptrs):
+                if ptr != seg.data_ptr:
+                    self._readopt(seg)
+        stale = [seg for seg, p, view in zip(segs, self._param_list, self._grad_view_list) if p.grad is not view]
+        if not stale:
+            return
         zero: List[torch.Tensor] = []
         dst: List[torch.Tensor] = []
         src: List[torch.Tensor] = []
-        for seg in self.segments.values():
-            p = seg.param
-            if p.data_ptr() != seg.data_ptr:
-                self._readopt(seg)
-            g = p.grad
-            if g is not seg.grad_view:
-                if g is None:
-                    zero.append(seg.grad_view)
-                else:
-                    dst.append(seg.grad_view)
-                    src.append(g)
-                p.grad = seg.grad_view
+        for seg in stale:
+            g = seg.param.grad
+            if g is None:
+                zero.append(seg.grad_view)
+            else:
+                dst.append(seg.grad_view)
+                src.append(g)
+            seg.param.grad = seg.grad_view
         if zero:
             torch._foreach_zero_(zero)
         if dst:
@@ -369,6 +380,7 @@ class FlatAWC:
         seg.param_view.copy_(p.detach())
         p.data = seg.param_view
         seg.data_ptr = p.data_ptr()
+        self._ptr_list = [s.data_ptr for s in self._segment_list]
 
     @torch.no_grad()
     def zero_grad(self) -> None:
@@ -474,7 +486,7 @@ class FlatAWC:
         grid = (b.num_blocks,)
         if update_fisher:
             self._ensure_fisher(b)
-            _awc_block_sumsq_kernel[grid](b.grad, b.blk_seg, b.blk_start, b.seg_end, b.blk_sumsq,
+            _awc_block_sumsq_kernel[grid](b.grad, b.blk_start, b.blk_end, b.blk_sumsq,
                                           BLOCK=self.block_size, num_warps=self.num_warps)
             _awc_segment_mean_kernel[(len(b.segments),)](b.blk_sumsq, b.seg_blk, b.seg_numel, b.seg_mean,
                                                          RBLOCK=self.reduce_block, num_warps=4)
@@ -483,7 +495,7 @@ class FlatAWC:
         anchor = b.anchor if apply_penalty else b.param              # unread without penalty
         _awc_update_kernel[grid](
             b.param, anchor, b.grad, fisher, b.pen, b.seg_mean, b.seg_has_fisher,
-            b.blk_seg, b.blk_start, b.seg_end,
+            b.blk_seg, b.blk_start, b.blk_end,
             float(decay), float(1.0 - decay), float(2.0 * strength), float(strength), float(eps),
             BLOCK=self.block_size, UPDATE_FISHER=update_fisher, EMA=ema, APPLY_PENALTY=apply_penalty,
             UNIFORM=uniform, GRAD_F64=b.dtype == torch.float64,
