@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 
+import numpy as np
 import pytest
+import torch
 
 from gift_fast.config import MTIL_TASKS
 from gift_fast.data import mtil
+from gift_fast.data.cache import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, CachedImageDataset, clip_eval_transform
+from gift_fast.data.fake_mtil import make_fake_mtil_root, relaxed_md5_checks
 
 TORCHVISION_COUNTS = {"Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10,
                       "Flowers": 102, "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196,
@@ -98,7 +104,6 @@ def test_snapshot_is_what_the_generator_makes_from_the_sources():
 
 def test_generator_rejects_a_wrong_count(tmp_path):
     # A source whose list no longer matches torchvision's class count must not become a snapshot.
-    import json
     import zipfile
     from gift_fast.data import mtil_metadata as md
     cb_names = {"caltech101": ["background"] + md.CLASSNAMES["Caltech101"], "eurosat": md.CLASSNAMES["EuroSAT"][:9],
@@ -125,16 +130,6 @@ def test_generator_rejects_a_wrong_count(tmp_path):
 
 
 # --------------------------------------------------------------------------- data wiring on fake folders
-import json
-import shutil
-import warnings
-
-import numpy as np
-import torch
-
-from gift_fast.data.cache import CachedImageDataset, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, clip_eval_transform
-from gift_fast.data.fake_mtil import make_fake_mtil_root, relaxed_md5_checks
-
 SIZE = 16   # small images keep the caches tiny
 
 

@@ -41,7 +41,7 @@ import queue
 import threading
 import warnings
 import zlib
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -386,3 +386,51 @@ class CachedImageDataset(Dataset):
 def _collate_uint8(batch):
     xs, ys = zip(*batch)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _bench(argv=None) -> None:
+    """``python -m gift_fast.data.cache --bench``: read throughput of a synthetic cache (no data set
+    needed): the uint8 gather alone, and ``iter_batches`` to the device with normalization there."""
+    import argparse
+    import tempfile
+    import time
+    p = argparse.ArgumentParser(description=_bench.__doc__)
+    p.add_argument("--bench", action="store_true", required=True)
+    p.add_argument("--n", type=int, default=4096, help="images in the synthetic cache")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+
+    class Noise(Dataset):
+        def __len__(self):
+            return a.n
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return torch.randint(0, 256, (3, a.image_size, a.image_size), dtype=torch.uint8, generator=g), i % 100
+
+    with tempfile.TemporaryDirectory() as d:
+        ds = CachedImageDataset(Noise(), d, key_parts=["bench"], image_size=a.image_size, name="bench", num_workers=0)
+        rng = np.random.default_rng(0)
+        t = time.perf_counter()
+        for _ in range(a.batches):
+            ds.get_batch(rng.integers(0, a.n, a.batch_size))
+        dt = time.perf_counter() - t
+        print(f"get_batch uint8 gather: {a.batches * a.batch_size / dt:,.0f} img/s "
+              f"({dt / a.batches * 1e3:.2f} ms per batch of {a.batch_size})")
+        k, t = 0, time.perf_counter()
+        for x, y in ds.iter_batches(a.batch_size, epochs=None, device=a.device):
+            k += 1
+            if k == a.batches:
+                break
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        print(f"iter_batches to {a.device} + normalize there: {k * a.batch_size / dt:,.0f} img/s "
+              f"({dt / k * 1e3:.2f} ms per batch; the training step budget is ~45 ms)")
+
+
+if __name__ == "__main__":
+    _bench()
