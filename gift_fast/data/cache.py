@@ -132,7 +132,7 @@ class _Uint8View(Dataset):
     """source[i] = (PIL image, label) -> (uint8 [3, S, S], label) for the building DataLoader."""
 
     def __init__(self, source: Dataset, image_size: int):
-        self.source, self.tf = source, clip_uint8_transform(image_size)
+        self.source, self.image_size, self.tf = source, image_size, None
 
     def __len__(self) -> int:
         return len(self.source)
@@ -140,6 +140,8 @@ class _Uint8View(Dataset):
     def __getitem__(self, i):
         img, label = self.source[i]
         if not (isinstance(img, torch.Tensor) and img.dtype == torch.uint8):
+            if self.tf is None:      # built on first use: uint8 sources need no torchvision
+                self.tf = clip_uint8_transform(self.image_size)
             img = self.tf(img)
         return img, int(label)
 
