@@ -1,1 +1,26 @@
-"""Synthetic data engine: prompts from class names, image generators, the writer."""
+"""Synthetic data engine: prompts from class names, image generators, the writer.
+
+* ``prompts``: the class pool (ImageNet names + learned tasks), seeded prompt sampling,
+  per-image seeds, sharding of image indices.
+* ``generators``: the ``ImageGenerator`` protocol, ``StableDiffusionGenerator`` (diffusers,
+  fast batched path) and the tiny random pipeline for tests / CI.
+* ``engine``: ``synthesize_task`` / ``synthesize_sequence`` (batches, black-image retries,
+  resume, sharding, atomic writes, ``image_text.csv``, ``manifest.json``).
+
+Submodules import torch / diffusers lazily; importing this package is cheap.
+"""
+from .prompts import (DEFAULT_TEMPLATE, build_class_pool, image_seed, imagenet_classnames, sample_prompts,
+                      shard_indices)
+
+__all__ = ["DEFAULT_TEMPLATE", "build_class_pool", "image_seed", "imagenet_classnames", "sample_prompts",
+           "shard_indices", "synthesize_task", "synthesize_sequence", "StableDiffusionGenerator", "ImageGenerator"]
+
+
+def __getattr__(name):  # lazy: the engine and generators pull in PIL / torch / diffusers
+    if name in ("synthesize_task", "synthesize_sequence"):
+        from . import engine
+        return getattr(engine, name)
+    if name in ("StableDiffusionGenerator", "ImageGenerator"):
+        from . import generators
+        return getattr(generators, name)
+    raise AttributeError(f"module 'gift_fast.synth' has no attribute {name!r}")

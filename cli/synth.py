@@ -1,0 +1,190 @@
+"""``gift-fast synth``: Stable Diffusion images for each task of a continual sequence.
+
+Parses options and calls ``gift_fast.synth.engine.synthesize_sequence``; torch and
+diffusers are imported only when the command runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+TINY_TASKS = [("ToyShapes", ["circle", "square", "triangle", "star"]),
+              ("ToyAnimals", ["cat", "dog", "horse"]),
+              ("ToyVehicles", ["car", "bicycle", "boat", "train", "plane"])]
+
+# preset -> defaults for options the user did not give
+PRESETS = {
+    "tiny": dict(images_per_task=6, steps=4, batch_size=4, height=32, width=32, out="runs/synth-tiny",
+                 device="cpu", dtype="fp32"),
+}
+
+
+def _echo(msg: str, rank: int = 0) -> None:
+    if rank == 0:
+        click.echo(msg, err=True)
+
+
+def _init_distributed(device_opt):
+    """rank, world_size, device from torchrun's environment (one process per GPU)."""
+    import torch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_opt:
+        device = torch.device(device_opt)
+    else:
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+@click.command("synth")
+@click.option("--order", type=int, default=None, help="MTIL order 1 or 2 (the 11 tasks and their class names).")
+@click.option("--task-file", type=click.Path(dir_okay=False), default=None,
+              help='Custom tasks: JSON {"tasks": [{"name": ..., "classnames": [...]}], "base_classnames": [...]?} '
+                   "or CSV with header task,classname.")
+@click.option("--tasks", "only", default=None, help="Comma-separated subset of the sequence to synthesize "
+              "(the class pool still includes every earlier task), e.g. Aircraft,DTD.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default 50; below 50: DPM-Solver multistep).")
+@click.option("--images-per-task", type=int, default=None, help="Images per task (default 1000).")
+@click.option("--out", default=None, help="Output root (default data/synthetic): <out>/<Task>_Syn/<i>.jpeg.")
+@click.option("--model", default=None, help="Diffusers SD-1.x/2.x pipeline: Hub id or local folder "
+              "(default stable-diffusion-v1-5/stable-diffusion-v1-5).")
+@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--batch-size", type=int, default=None, help="Images per generator call (default 16).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Network precision (default bf16 on CUDA, fp32 on CPU).")
+@click.option("--bf16", "bf16_flag", is_flag=True, help="Same as --dtype bf16.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet (fixed batch shape).")
+@click.option("--compile-vae", is_flag=True, help="Also compile the VAE decoder (with --compile).")
+@click.option("--compile-mode", default="default", show_default=True,
+              help="torch.compile mode: default, reduce-overhead, max-autotune-no-cudagraphs, ...")
+@click.option("--seed", type=int, default=42, show_default=True, help="Run seed (prompts and image seeds).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="tiny: a tiny random diffusers pipeline built in code, CPU, seconds (CI).")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda:LOCAL_RANK if available).")
+@click.option("--attention", type=click.Choice(["auto", "sdpa", "xformers"]), default="auto", show_default=True,
+              help="sdpa: PyTorch SDPA; xformers: only if its CUDA operators work here.")
+@click.option("--sdpa-backend", type=click.Choice(["auto", "default", "cudnn", "flash", "efficient"]),
+              default="auto", show_default=True, help="SDPA kernel preference (auto: timed on the UNet).")
+@click.option("--scheduler", type=click.Choice(["auto", "default", "dpm"]), default="auto", show_default=True,
+              help="auto: the checkpoint's scheduler at >= 50 steps, DPM-Solver multistep below.")
+@click.option("--height", type=int, default=None, help="Image height (default: the model's).")
+@click.option("--width", type=int, default=None, help="Image width (default: the model's).")
+@click.option("--no-safety-checker", is_flag=True, help="Do not run the pipeline's safety checker.")
+@click.option("--max-retries", type=int, default=10, show_default=True,
+              help="Regenerations (next seed) of an image the safety checker blacked out.")
+@click.option("--jpeg-quality", type=int, default=75, show_default=True, help="JPEG quality (Pillow's default).")
+@click.option("--template", default="a photo of a {}.", show_default=True, help="Prompt template.")
+@click.option("--overwrite", is_flag=True, help="Regenerate images of another configuration in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def synth(order, task_file, only, steps, images_per_task, out, model, guidance, batch_size, dtype, bf16_flag,
+          compile_, compile_vae, compile_mode, seed, preset, device, attention, sdpa_backend, scheduler, height,
+          width, no_safety_checker, max_retries, jpeg_quality, template, overwrite, quiet):
+    """Generate the synthetic replay images of GIFT for every task of a sequence.
+
+    \b
+    gift-fast synth --order 1 --steps 25 --images-per-task 1000 --out data/synthetic --bf16
+    gift-fast synth --preset tiny                      # seconds on a CPU, no download
+    torchrun --nproc_per_node 8 -m gift_fast.cli.main synth --order 1 ...   # shards images over GPUs
+    """
+    import logging
+    import time
+
+    from gift_fast.synth.engine import SynthError, load_task_file, mtil_tasks, synthesize_sequence
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    defaults = PRESETS.get(preset, {})
+    steps = steps if steps is not None else defaults.get("steps", 50)
+    images_per_task = images_per_task if images_per_task is not None else defaults.get("images_per_task", 1000)
+    batch_size = batch_size if batch_size is not None else defaults.get("batch_size", 16)
+    out = out if out is not None else defaults.get("out", "data/synthetic")
+    height = height if height is not None else defaults.get("height")
+    width = width if width is not None else defaults.get("width")
+    device = device if device is not None else defaults.get("device")
+    if bf16_flag:
+        if dtype not in (None, "bf16"):
+            raise click.UsageError(f"--bf16 contradicts --dtype {dtype}")
+        dtype = "bf16"
+    dtype = dtype if dtype is not None else defaults.get("dtype")
+    if preset and model:
+        raise click.UsageError("--preset tiny builds its own model: drop --model (or drop --preset)")
+    if order is not None and task_file:
+        raise click.UsageError("give --order or --task-file, not both")
+    for name, v in (("--steps", steps), ("--images-per-task", images_per_task), ("--batch-size", batch_size)):
+        if v < 1:
+            raise click.BadParameter(f"{name} must be >= 1, got {v}")
+
+    base = None
+    try:
+        if task_file:
+            tasks, base = load_task_file(task_file)
+        elif order is not None:
+            tasks = mtil_tasks(order)
+        elif preset == "tiny":
+            tasks = TINY_TASKS
+        else:
+            raise click.UsageError("say which tasks: --order 1|2 (MTIL), --task-file FILE, or --preset tiny")
+    except (ValueError, FileNotFoundError, SynthError) as e:
+        raise click.UsageError(str(e)) from None
+    only_list = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    if only_list:
+        unknown = [o for o in only_list if o not in [t[0] for t in tasks]]
+        if unknown:
+            raise click.UsageError(f"unknown task(s) in --tasks: {', '.join(unknown)}; "
+                                   f"the sequence has: {', '.join(t[0] for t in tasks)}")
+
+    rank, world, dev = _init_distributed(device)
+    from gift_fast.synth.generators import DEFAULT_MODEL, StableDiffusionGenerator
+
+    gen_kwargs = dict(steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
+                      attention=attention, sdpa_backend=sdpa_backend,
+                      compile=("all" if compile_vae else "unet") if compile_ else False, compile_mode=compile_mode)
+    t0 = time.perf_counter()
+    try:
+        if preset == "tiny":
+            import torch
+            if dev.type == "cpu":
+                torch.set_num_threads(1)  # tiny convs gain nothing from threads; they only contend
+            generator = StableDiffusionGenerator.tiny(device=dev, dtype=dtype, **gen_kwargs)
+        else:
+            generator = StableDiffusionGenerator.from_pretrained(model or DEFAULT_MODEL, device=dev, dtype=dtype,
+                                                                 safety_checker=not no_safety_checker, **gen_kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    cfg = generator.describe()["config"]
+    _echo(f"gift-fast synth: {cfg['model']} | {cfg['scheduler']} {cfg['steps']} steps | guidance {cfg['guidance']} | "
+          f"{cfg['height']}x{cfg['width']} | {str(generator.dtype).replace('torch.', '')} on {dev} | "
+          f"{len(tasks)} tasks x {images_per_task} images | world size {world} | "
+          f"loaded in {time.perf_counter() - t0:.1f} s", rank)
+    try:
+        manifest = synthesize_sequence(
+            generator, tasks, out, images_per_task=images_per_task, seed=seed, base_classnames=base,
+            template=template, only=only_list, batch_size=batch_size, rank=rank, world_size=world,
+            progress=not quiet, jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite,
+            run_info={"command": " ".join(["gift-fast"] + sys.argv[1:])})
+    except SynthError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        _echo(f"attention: {generator.attention_summary()}", rank)
+        try:
+            import torch.distributed as tdist
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+        except Exception:
+            pass
+    c = manifest.get("counts", {})
+    _echo(f"done: {out} | {c.get('tasks_complete')} tasks complete, {c.get('images')} images, "
+          f"{c.get('black_regenerations')} black regenerations, {c.get('black_kept')} kept black | "
+          f"{manifest.get('wall_time_s')} s", rank)
