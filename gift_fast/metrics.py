@@ -43,4 +43,18 @@ def continual_metrics(acc: Sequence[Sequence[float]]) -> Dict[str, Any]:
     }
 
 
-__all__ = ["continual_metrics"]
+def cil_metrics(step_accuracies: Sequence[float]) -> Dict[str, Any]:
+    """Class-incremental metrics (DyTox's protocol, seed Suppl. B): ``step_accuracies[t]`` is the accuracy
+    on the test images of every class seen so far, after training step t (no task identity).
+    Avg = their mean over all steps (the base step included); Last = the accuracy after the last step."""
+    a = np.asarray(step_accuracies.tolist() if hasattr(step_accuracies, "tolist") else step_accuracies,
+                   dtype=np.float64)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"step_accuracies must be a non-empty list of numbers (one accuracy after each step), "
+                         f"got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("step_accuracies holds NaN or infinite entries: evaluate after every step")
+    return {"avg": float(a.mean()), "last": float(a[-1]), "steps": int(a.size)}
+
+
+__all__ = ["continual_metrics", "cil_metrics"]
