@@ -177,7 +177,8 @@ def test_cifar100_cil_from_fake_folder(fake_root, tmp_path):
     from gift_fast.data.fake_mtil import relaxed_md5_checks
     from gift_fast.data.mtil import classnames
     with relaxed_md5_checks():
-        plain = build_cil("cifar100-cil", 10, fake_root, image_size=32, record_dir=str(tmp_path / "run"), progress=False)
+        plain = build_cil("cifar100-cil", 10, fake_root, image_size=32, record_dir=str(tmp_path / "run"),
+                          progress=False)
         cached = build_cil("cifar100-cil", 10, fake_root, image_size=32, cache_dir=str(tmp_path / "cache"),
                            record_dir=str(tmp_path / "run"), progress=False)   # same split: the record check passes
     assert plain.split.classnames == classnames("CIFAR100")
@@ -200,6 +201,11 @@ def test_cifar100_cil_from_fake_folder(fake_root, tmp_path):
     # the base class set does not overlap CIFAR100's names
     down = set().union(*(name_tokens(n) for n in classnames("CIFAR100")))
     assert len(plain.base_classnames) == 100 and not any(name_tokens(n) & down for n in plain.base_classnames)
+    # the synthesis task file: the steps in order, the base set as the pool
+    from gift_fast.synth.engine import load_task_file
+    tasks, base = load_task_file(plain.write_synth_task_file(str(tmp_path / "run" / "synth-tasks.json")))
+    assert [n for n, _ in tasks] == [t.name for t in plain.tasks] and tasks[2][1] == plain.tasks[2].classnames
+    assert base == plain.base_classnames and "/" not in "".join(n for n, _ in tasks)
     with relaxed_md5_checks(), pytest.raises(ValueError, match="differs from the one recorded"):
         build_cil("cifar100-cil", 10, fake_root, image_size=32, seed=7, record_dir=str(tmp_path / "run"))
 

@@ -370,7 +370,8 @@ def generate_metadata(timm_info_dir: str) -> str:
             raw[name] = f.read()
     wnids = raw["imagenet_synsets.txt"].decode("utf-8").split()
     if len(wnids) != 1000 or wnids != sorted(wnids) or len(set(wnids)) != 1000:
-        raise ValueError(f"{timm_info_dir}/imagenet_synsets.txt: expected 1,000 distinct sorted wnids, got {len(wnids)}")
+        raise ValueError(f"{timm_info_dir}/imagenet_synsets.txt: expected 1,000 distinct sorted wnids, "
+                         f"got {len(wnids)}")
 
     def table(name):
         out = {}
@@ -589,6 +590,19 @@ class CILBenchmark:
     def label_smoothing(self) -> float:
         return self.protocol.label_smoothing
 
+    def synth_tasks(self) -> dict:
+        """The synthesis task list of this run (``gift-fast synth --task-file``'s JSON): the training
+        steps with their class names, and the 100 non-overlapping ImageNet names as the base pool."""
+        return {"tasks": [{"name": t.name, "classnames": list(t.classnames)} for t in self.tasks],
+                "base_classnames": list(self.base_classnames)}
+
+    def write_synth_task_file(self, path: str) -> str:
+        """Write ``synth_tasks()`` to ``path`` (atomically); returns the path."""
+        from gift_fast.data.mtil import _write_json_atomic
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_json_atomic(path, self.synth_tasks())
+        return path
+
     @property
     def weight_decay(self) -> float:
         return self.protocol.weight_decay
@@ -614,12 +628,13 @@ def build_steps(benchmark: str, split: CILSplit, train: Dataset, test: Dataset, 
         te = class_subset(test, local, test_labels)
         if len(tr) == 0:
             raise ValueError(f"{proto.name} step {t}: no training image of its classes {cls[:5]}...")
-        tasks.append(TaskSpec(name=f"{proto.name}/step{t:02d}", classnames=[split.classnames[c] for c in cls],
-                              templates=tmpl, train=tr, test=te, lr=lr,
+        tasks.append(TaskSpec(name=f"{proto.name}-{split.steps}-step{t:02d}",
+                              classnames=[split.classnames[c] for c in cls], templates=tmpl, train=tr, test=te, lr=lr,
                               meta={**common, "classes": list(cls), "train_size": len(tr), "test_size": len(te)}))
         cum = class_subset(test, {c: position[c] for c in seen}, test_labels)
-        evals.append(TaskSpec(name=f"{proto.name}/seen{t:02d}", classnames=[split.classnames[c] for c in seen],
-                              templates=tmpl, train=None, test=cum, lr=lr,
+        evals.append(TaskSpec(name=f"{proto.name}-{split.steps}-seen{t:02d}",
+                              classnames=[split.classnames[c] for c in seen], templates=tmpl, train=None, test=cum,
+                              lr=lr,
                               meta={**common, "classes": list(seen), "test_size": len(cum)}))
     return tasks, evals
 
@@ -748,7 +763,8 @@ def make_fake_tiny_imagenet_root(root: str, wnids: Optional[Sequence[str]] = Non
 def _main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
     p = argparse.ArgumentParser(description="Regenerate gift_fast/data/cil_metadata.py from timm's synset files.")
-    p.add_argument("--timm-info", required=True, help="the timm/data/_info folder (of an installed timm or a wheel, unpacked)")
+    p.add_argument("--timm-info", required=True,
+                   help="the timm/data/_info folder (of an installed timm, or of an unpacked wheel)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cil_metadata.py"))
     a = p.parse_args(argv)
     text = generate_metadata(a.timm_info)
