@@ -100,7 +100,7 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
     import logging
     import time
 
-    from gift_fast.synth.engine import SynthError, load_task_file, mtil_tasks, synthesize_sequence
+    from gift_fast.synth.engine import SynthError, check_writable, load_task_file, mtil_tasks
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     defaults = PRESETS.get(preset, {})
@@ -143,18 +143,39 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
             raise click.UsageError(f"unknown task(s) in --tasks: {', '.join(unknown)}; "
                                    f"the sequence has: {', '.join(t[0] for t in tasks)}")
 
+    try:  # before loading a model that may take a minute
+        check_writable(out)
+    except SynthError as e:
+        raise click.UsageError(str(e)) from None
     rank, world, dev = _init_distributed(device)
-    from gift_fast.synth.generators import DEFAULT_MODEL, StableDiffusionGenerator
 
     gen_kwargs = dict(steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
                       attention=attention, sdpa_backend=sdpa_backend,
                       compile=("all" if compile_vae else "unet") if compile_ else False, compile_mode=compile_mode)
     t0 = time.perf_counter()
+    import torch
+    threads = torch.get_num_threads()
+    if preset == "tiny" and dev.type == "cpu":
+        torch.set_num_threads(1)  # tiny convolutions gain nothing from threads; they only contend
+    try:
+        _run(preset=preset, model=model, dev=dev, dtype=dtype, no_safety_checker=no_safety_checker,
+             gen_kwargs=gen_kwargs, tasks=tasks, out=out, images_per_task=images_per_task, seed=seed, base=base,
+             template=template, only_list=only_list, batch_size=batch_size, rank=rank, world=world, quiet=quiet,
+             jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite, t0=t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(*, preset, model, dev, dtype, no_safety_checker, gen_kwargs, tasks, out, images_per_task, seed, base,
+          template, only_list, batch_size, rank, world, quiet, jpeg_quality, max_retries, overwrite, t0):
+    """Load the generator and synthesize (after the options were checked)."""
+    import time
+
+    from gift_fast.synth.engine import SynthError, synthesize_sequence
+    from gift_fast.synth.generators import DEFAULT_MODEL, StableDiffusionGenerator
+
     try:
         if preset == "tiny":
-            import torch
-            if dev.type == "cpu":
-                torch.set_num_threads(1)  # tiny convs gain nothing from threads; they only contend
             generator = StableDiffusionGenerator.tiny(device=dev, dtype=dtype, **gen_kwargs)
         else:
             generator = StableDiffusionGenerator.from_pretrained(model or DEFAULT_MODEL, device=dev, dtype=dtype,
@@ -174,7 +195,7 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
             template=template, only=only_list, batch_size=batch_size, rank=rank, world_size=world,
             progress=not quiet, jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite,
             run_info={"command": " ".join(["gift-fast"] + sys.argv[1:])})
-    except SynthError as e:
+    except (SynthError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         _echo(f"attention: {generator.attention_summary()}", rank)

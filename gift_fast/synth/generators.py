@@ -212,9 +212,13 @@ def random_pipeline(arch: str = "tiny", *, device=None, dtype=None, seed: int = 
         if cuda_state is not None:
             torch.cuda.set_rng_state(cuda_state, device)
     scheduler = PNDMScheduler(**(scheduler_config or SD15_SCHEDULER_CONFIG))
+    feature_extractor = None
+    if safety_checker is not None:  # the pipeline insists on one next to a checker: CLIP's defaults (224, CLIP mean/std)
+        from transformers import CLIPImageProcessor
+        feature_extractor = CLIPImageProcessor()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=safety_checker, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=scheduler, safety_checker=safety_checker,
+                                   feature_extractor=feature_extractor, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if dtype is not None:
         pipe.to(dtype=dtype)
@@ -320,6 +324,19 @@ def _place(module, device, dtype):
     return module.eval().requires_grad_(False)
 
 
+def _size_of(spec, keys, default: int) -> int:
+    """An int size from a transformers size spec: int, dict, or SizeDict (transformers 5)."""
+    if spec is None:
+        return default
+    if isinstance(spec, int):
+        return spec
+    for k in keys:
+        v = spec.get(k) if hasattr(spec, "get") else getattr(spec, k, None)
+        if v:
+            return int(v)
+    return default
+
+
 def _versions() -> Dict[str, str]:
     out = {}
     for mod in ("torch", "diffusers", "transformers"):
@@ -375,8 +392,9 @@ class StableDiffusionGenerator:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if attention not in ("auto", "sdpa", "xformers"):
             raise ValueError(f"unknown attention {attention!r}; use auto, sdpa or xformers")
-        if sdpa_backend not in ("auto",) + _SDPA_CANDIDATES:
-            raise ValueError(f"unknown sdpa_backend {sdpa_backend!r}; use auto, {', '.join(_SDPA_CANDIDATES)}")
+        if sdpa_backend not in ("auto", "math") + _SDPA_CANDIDATES:
+            raise ValueError(f"unknown sdpa_backend {sdpa_backend!r}; use auto, {', '.join(_SDPA_CANDIDATES)} "
+                             f"or math")
         if compile not in (False, True, None, "unet", "all"):
             raise ValueError(f"compile must be False, True / 'unet' or 'all', got {compile!r}")
         self.pipe = pipe
@@ -647,20 +665,20 @@ class StableDiffusionGenerator:
         import torch
         import torch.nn.functional as F
         fe = self.feature_extractor
-        size = 224
+        size, crop = 224, 224
         mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
         if fe is not None:
-            s = getattr(fe, "size", None) or {}
-            size = int(s.get("shortest_edge", s.get("height", 224))) if isinstance(s, dict) else int(s)
-            mean = list(getattr(fe, "image_mean", mean))
-            std = list(getattr(fe, "image_std", std))
+            size = _size_of(getattr(fe, "size", None), ("shortest_edge", "height"), size)
+            crop = _size_of(getattr(fe, "crop_size", None), ("height", "shortest_edge"), size)
+            mean = list(getattr(fe, "image_mean", None) or mean)
+            std = list(getattr(fe, "image_std", None) or std)
         x = ((images_m11.float() / 2 + 0.5).clamp(0, 1) * 255).round() / 255  # the uint8 image, as PIL sees it
         h, w = x.shape[-2:]
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top:top + size, left:left + size]
+        top, left = max(0, (nh - crop) // 2), max(0, (nw - crop) // 2)
+        x = x[..., top:top + crop, left:left + crop]
         m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
         sd = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
         clip_input = ((x - m) / sd).to(self.dtype)
