@@ -19,10 +19,11 @@ applied to the tile afterwards, so bf16 inputs lose nothing to normalization).
 How the work is split
 * B <= SMALL_B_MAX: one program holds the whole B x B problem. The forward is one
   launch (loss), the backward one launch (recomputes, then the gradients).
-* larger B, forward: ``_rnorm_kernel`` (inverse norms), ``_stats_kernel`` (per tile:
-  online row statistics across a group of column tiles, column statistics per tile,
-  written as partials), ``_combine_kernel`` (merges the partials into the row and
-  column log-sum-exps and the four loss terms). Memory: O(B) per partial slot.
+* larger B, forward: ``_rnorm_kernel`` (inverse norms), ``_stats_kernel`` (each
+  program a group of tiles: online row statistics across its column tiles, online
+  column statistics across its row blocks, written as partials per group),
+  ``_combine_kernel`` (merges the partials into the row and column log-sum-exps and
+  the four loss terms). Memory: (row groups + column groups) x 9 x B floats.
 * larger B, backward: ``_grad_tiles_kernel`` recomputes the tiles of a chunk of rows
   and writes ``H = s * diag(rx) dS diag(ry)`` for that chunk (bounded by
   GRAD_CHUNK_BYTES, by default 64 MB), two cuBLAS GEMMs accumulate ``u = H Y`` and
@@ -175,7 +176,8 @@ def _merge(M, L1, L2, MP, LP, W, A, Bs, C, m, l1, l2, mp, lp, w, a, b, c, inv_ta
     MPn = tl.maximum(MP, mp)
     ea = tl.exp((MP - MPn) * inv_tau)
     eb = tl.exp((mp - MPn) * inv_tau)
-    W = ea * (W + dA * inv_tau * LP) + eb * (w + dB * inv_tau * lp)
+    # (a neutral side has LP = 0 and dA ~ 1e30: keep 1e30 * inv_tau * 0 from ever being inf * 0)
+    W = ea * (W + tl.where(LP > 0, dA * inv_tau * LP, 0.0)) + eb * (w + tl.where(lp > 0, dB * inv_tau * lp, 0.0))
     LP = LP * ea + lp * eb
     return Mn, L1, L2, MPn, LP, W, A + a, Bs + b, C + c
 
@@ -351,59 +353,83 @@ def _store_stats(ptr, B, idx, ok, m, l1, l2, mp, lp, w, a, b, c):
     tl.store(ptr + 8 * B + idx, c, mask=ok)
 
 
+@triton.jit
+def _load_stats(ptr, B, idx, ok):
+    """Partial statistics at ptr; where not ok the neutral element of _merge."""
+    m = tl.load(ptr + idx, mask=ok, other=_NEG)
+    l1 = tl.load(ptr + B + idx, mask=ok, other=0.0)
+    l2 = tl.load(ptr + 2 * B + idx, mask=ok, other=0.0)
+    mp = tl.load(ptr + 3 * B + idx, mask=ok, other=_NEG)
+    lp = tl.load(ptr + 4 * B + idx, mask=ok, other=0.0)
+    w = tl.load(ptr + 5 * B + idx, mask=ok, other=0.0)
+    a = tl.load(ptr + 6 * B + idx, mask=ok, other=0.0)
+    b = tl.load(ptr + 7 * B + idx, mask=ok, other=0.0)
+    c = tl.load(ptr + 8 * B + idx, mask=ok, other=0.0)
+    return m, l1, l2, mp, lp, w, a, b, c
+
+
 @triton.jit(do_not_specialize=["B"])
 def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr,
-                  scale, tau_in, B, D, n_jb, G, n_row_slots,
+                  scale, tau_in, B, D, n_ib, n_jb, GR, GC, n_cg,
                   s_xm, s_xk, s_ym, s_yk, s_xtm, s_xtk, s_ytm, s_ytk, s_lab,
                   SCALE_PTR: tl.constexpr, TAU_PTR: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Program (ib, g): rows of block ib against the column blocks of group g.
+    """Program (rg, cg): the GR x GC tiles of row group rg and column group cg.
 
-    Row statistics accumulate online over the group and go to slot g; the column
-    statistics of each tile go to slot n_row_slots + ib (a column meets each row block once).
+    Row statistics accumulate online over the group's column tiles and go to slot cg;
+    column statistics accumulate over the group's row blocks in slot n_cg + rg, which
+    this program alone owns (read-modify-write, a barrier between row blocks). So the
+    partial memory is (n_rg + n_cg) * 9 * B floats, whatever the number of tiles.
     """
     s = _scalar(scale, SCALE_PTR)
     inv_tau = 1.0 / _scalar(tau_in, TAU_PTR)
-    ib = tl.program_id(0)
-    g = tl.program_id(1)
-    rows = ib * BM + tl.arange(0, BM)
-    row_ok = rows < B
-    srx = s * tl.load(rn_ptr + rows, mask=row_ok, other=0.0)
-    srxt = s * tl.load(rn_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-    lab_r = tl.load(lab_ptr + rows * s_lab, mask=row_ok, other=0)
-
-    M = tl.full((BM,), _NEG, dtype=tl.float32)
-    MP = tl.full((BM,), _NEG, dtype=tl.float32)
-    L1 = tl.zeros((BM,), dtype=tl.float32)
-    L2 = tl.zeros((BM,), dtype=tl.float32)
-    LP = tl.zeros((BM,), dtype=tl.float32)
-    W = tl.zeros((BM,), dtype=tl.float32)
-    A = tl.zeros((BM,), dtype=tl.float32)
-    Bs = tl.zeros((BM,), dtype=tl.float32)
-    C = tl.zeros((BM,), dtype=tl.float32)
-    j_begin = g * G
-    j_end = tl.minimum(j_begin + G, n_jb)
-    col_base = part_ptr + (n_row_slots + ib) * 9 * B
-    for jb in range(j_begin, j_end):
-        cols = jb * BN + tl.arange(0, BN)
-        col_ok = cols < B
-        ok2 = row_ok[:, None] & col_ok[None, :]
-        ry = tl.load(rn_ptr + B + cols, mask=col_ok, other=0.0)
-        ryt = tl.load(rn_ptr + 3 * B + cols, mask=col_ok, other=0.0)
-        lab_c = tl.load(lab_ptr + cols * s_lab, mask=col_ok, other=0)
-        sraw, traw = _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, s_xm, s_xk, s_ym, s_yk,
-                                s_xtm, s_xtk, s_ytm, s_ytk, rows, cols, row_ok, col_ok, D,
-                                BM, BN, BK, UPCAST, IEEE)
-        S = sraw * srx[:, None] * ry[None, :]
-        St = traw * srxt[:, None] * ryt[None, :]
-        match = tl.where((lab_r[:, None] == lab_c[None, :]) & ok2, 1.0, 0.0)
-        m, l1, l2, mp, lp, w, a, b, c = _tile_stats(S, St, match, ok2, inv_tau, 1)
-        M, L1, L2, MP, LP, W, A, Bs, C = _merge(M, L1, L2, MP, LP, W, A, Bs, C,
-                                                m, l1, l2, mp, lp, w, a, b, c, inv_tau)
-        m, l1, l2, mp, lp, w, a, b, c = _tile_stats(S, St, match, ok2, inv_tau, 0)
-        _store_stats(col_base, B, cols, col_ok, m, l1, l2, mp, lp, w, a, b, c)
-    _store_stats(part_ptr + g * 9 * B, B, rows, row_ok, M, L1, L2, MP, LP, W, A, Bs, C)
+    rg = tl.program_id(0)
+    cg = tl.program_id(1)
+    i_begin = rg * GR
+    i_end = tl.minimum(i_begin + GR, n_ib)
+    j_begin = cg * GC
+    j_end = tl.minimum(j_begin + GC, n_jb)
+    col_base = part_ptr + (n_cg + rg) * 9 * B
+    for ib in range(i_begin, i_end):
+        rows = ib * BM + tl.arange(0, BM)
+        row_ok = rows < B
+        srx = s * tl.load(rn_ptr + rows, mask=row_ok, other=0.0)
+        srxt = s * tl.load(rn_ptr + 2 * B + rows, mask=row_ok, other=0.0)
+        lab_r = tl.load(lab_ptr + rows * s_lab, mask=row_ok, other=0)
+        M = tl.full((BM,), _NEG, dtype=tl.float32)
+        MP = tl.full((BM,), _NEG, dtype=tl.float32)
+        L1 = tl.zeros((BM,), dtype=tl.float32)
+        L2 = tl.zeros((BM,), dtype=tl.float32)
+        LP = tl.zeros((BM,), dtype=tl.float32)
+        W = tl.zeros((BM,), dtype=tl.float32)
+        A = tl.zeros((BM,), dtype=tl.float32)
+        Bs = tl.zeros((BM,), dtype=tl.float32)
+        C = tl.zeros((BM,), dtype=tl.float32)
+        for jb in range(j_begin, j_end):
+            cols = jb * BN + tl.arange(0, BN)
+            col_ok = cols < B
+            ok2 = row_ok[:, None] & col_ok[None, :]
+            ry = tl.load(rn_ptr + B + cols, mask=col_ok, other=0.0)
+            ryt = tl.load(rn_ptr + 3 * B + cols, mask=col_ok, other=0.0)
+            lab_c = tl.load(lab_ptr + cols * s_lab, mask=col_ok, other=0)
+            sraw, traw = _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, s_xm, s_xk, s_ym, s_yk,
+                                    s_xtm, s_xtk, s_ytm, s_ytk, rows, cols, row_ok, col_ok, D,
+                                    BM, BN, BK, UPCAST, IEEE)
+            S = sraw * srx[:, None] * ry[None, :]
+            St = traw * srxt[:, None] * ryt[None, :]
+            match = tl.where((lab_r[:, None] == lab_c[None, :]) & ok2, 1.0, 0.0)
+            m, l1, l2, mp, lp, w, a, b, c = _tile_stats(S, St, match, ok2, inv_tau, 1)
+            M, L1, L2, MP, LP, W, A, Bs, C = _merge(M, L1, L2, MP, LP, W, A, Bs, C,
+                                                    m, l1, l2, mp, lp, w, a, b, c, inv_tau)
+            m, l1, l2, mp, lp, w, a, b, c = _tile_stats(S, St, match, ok2, inv_tau, 0)
+            pm, pl1, pl2, pmp, plp, pw, pa, pb, pc = _load_stats(col_base, B, cols, col_ok & (ib > i_begin))
+            m, l1, l2, mp, lp, w, a, b, c = _merge(pm, pl1, pl2, pmp, plp, pw, pa, pb, pc,
+                                                   m, l1, l2, mp, lp, w, a, b, c, inv_tau)
+            _store_stats(col_base, B, cols, col_ok, m, l1, l2, mp, lp, w, a, b, c)
+        _store_stats(part_ptr + cg * 9 * B, B, rows, row_ok, M, L1, L2, MP, LP, W, A, Bs, C)
+        # the next row block reads the column partials written above (other threads' stores)
+        tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["B"])
@@ -589,11 +615,14 @@ class _Config:
         self.n_ib = triton.cdiv(B, self.BM)
         self.n_jb = triton.cdiv(B, self.BN)
         if group is None:
-            # enough programs for ~4 waves, the fewest row partial slots otherwise
-            want_g = max(1, min(self.n_jb, triton.cdiv(4 * sms, self.n_ib)))
-            group = triton.cdiv(self.n_jb, want_g)
-        self.G = group
-        self.n_g = triton.cdiv(self.n_jb, self.G)
+            # about 4 programs per SM; each program a square-ish group of tiles
+            side = max(1, int((4 * sms) ** 0.5))
+            group = (triton.cdiv(self.n_ib, side), triton.cdiv(self.n_jb, side))
+        elif isinstance(group, int):
+            group = (group, group)
+        self.GR, self.GC = group
+        self.n_rg = triton.cdiv(self.n_ib, self.GR)
+        self.n_cg = triton.cdiv(self.n_jb, self.GC)
         self.ld_h = triton.cdiv(B, 16) * 16
         itemsize = torch.empty((), dtype=dtype).element_size()
         if chunk_rows is None:
@@ -658,10 +687,9 @@ def _forward(x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg: _Config, scal
     rn = torch.empty((4, B), dtype=torch.float32, device=dev)
     br = 32
     _rnorm_kernel[(triton.cdiv(B, br),)](x, y, xt, yt, rn, B, D, *strides, BR=br, BK=64, num_warps=4)
-    n_slots = cfg.n_g + cfg.n_ib
-    part = torch.empty((n_slots, _N_STATS, B), dtype=torch.float32, device=dev)
-    _stats_kernel[(cfg.n_ib, cfg.n_g)](
-        x, y, xt, yt, labels, rn, part, scale, tau, B, D, cfg.n_jb, cfg.G, cfg.n_g,
+    part = torch.empty((cfg.n_cg + cfg.n_rg, _N_STATS, B), dtype=torch.float32, device=dev)
+    _stats_kernel[(cfg.n_rg, cfg.n_cg)](
+        x, y, xt, yt, labels, rn, part, scale, tau, B, D, cfg.n_ib, cfg.n_jb, cfg.GR, cfg.GC, cfg.n_cg,
         *strides, labels.stride(0), SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee,
         num_warps=cfg.warps, num_stages=cfg.stages)
@@ -669,7 +697,7 @@ def _forward(x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg: _Config, scal
     bc = 256
     n_c = triton.cdiv(B, bc)
     lossp = torch.empty((n_c, 4), dtype=torch.float32, device=dev)
-    _combine_kernel[(n_c, 2)](part, stats, lossp, tau, ls, cdw, itaw, inv_B, B, cfg.n_g, cfg.n_ib,
+    _combine_kernel[(n_c, 2)](part, stats, lossp, tau, ls, cdw, itaw, inv_B, B, cfg.n_cg, cfg.n_rg,
                               TAU_PTR=tau_ptr, BC=bc, num_warps=4)
     del part
     torch.sum(lossp, 0, out=parts)
