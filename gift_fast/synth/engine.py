@@ -448,6 +448,7 @@ def _finalize(folder: Path, prompts, ext, fp, identity, seed, task_index, max_re
     _atomic_write_text(folder / CSV_NAME, buf.getvalue())
     retries = {str(i): m["attempt"] for i, m in enumerate(metas) if m.get("attempt", 0) > 0}
     gen_s = run_stats.get("gen_s", 0.0)
+    wall_s = run_stats.get("wall_s", wall)  # the slowest rank's
     manifest = {
         "version": MANIFEST_VERSION, "complete": True, "fingerprint": fp, "identity": identity,
         "task": identity["task"], "task_index": task_index, "seed": seed, "images": n,
@@ -465,8 +466,8 @@ def _finalize(folder: Path, prompts, ext, fp, identity, seed, task_index, max_re
         "last_run": {
             "generated": run_stats.get("generated", 0), "skipped_valid": run_stats.get("skipped_valid", 0),
             "black_retries": run_stats.get("black_retries", 0), "world_size": world_size,
-            "wall_time_s": round(run_stats.get("wall_s", wall), 3), "generate_time_s": round(gen_s, 3),
-            "images_per_s": round(run_stats.get("generated", 0) / gen_s, 3) if gen_s > 0 else None,
+            "wall_time_s": round(wall_s, 3), "generate_time_s_all_ranks": round(gen_s, 3),
+            "images_per_s": round(run_stats.get("generated", 0) / wall_s, 3) if wall_s > 0 else None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "versions": _versions(),
