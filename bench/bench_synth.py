@@ -253,7 +253,7 @@ def test_engine_end_to_end_with_jpeg_writing(benchmark):
         batch = _best_eager_batch()
         gen = StableDiffusionGenerator(_pipe(torch.bfloat16 if CUDA else torch.float32), steps=STEPS,
                                        guidance=GUIDANCE, height=SIZE, width=SIZE, safety_checker=False)
-    n = 3 * batch if CUDA else 4
+    n = 2 * batch if CUDA else 4
     prompts = _prompts(n)
     with tempfile.TemporaryDirectory() as root:
         state = {"k": 0}

@@ -382,6 +382,7 @@ class StableDiffusionGenerator:
         safety_checker: run the pipeline's safety checker (flagged images come back all black,
             as from the pipeline; the engine regenerates them with the next seed).
         decode_batch: images per VAE decode call (bounds memory at large sizes).
+        text_cache_size: prompt embeddings kept on the device (least recently used dropped first).
         model_name: how the model is named in ``describe()`` (a Hub id or a folder).
         cudnn_benchmark: on CUDA, let cuDNN time its convolution algorithms for our fixed
             shapes (sets the process-wide ``torch.backends.cudnn.benchmark``).
@@ -394,7 +395,7 @@ class StableDiffusionGenerator:
                  device=None, dtype=None, attention: str = "auto", sdpa_backend: str = "auto",
                  compile=False, compile_mode: str = "default", channels_last: bool = True,
                  fuse_qkv: bool = True, safety_checker: bool = True, decode_batch: int = 8,
-                 text_cache_size: int = 4096, model_name: Optional[str] = None, cudnn_benchmark: bool = True):
+                 text_cache_size: int = 2048, model_name: Optional[str] = None, cudnn_benchmark: bool = True):
         import torch
 
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
