@@ -293,12 +293,22 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
             + ita_coef * (g2 * (R_r - At) + g3 * (R_c - At))
         dS = tl.where(ok2, dS, 0.0)
         H = dS * (s * rx)[:, None] * ry[None, :]
-        # H as the GEMM operand (rounded to the input dtype, as on the tensor cores)
-        Hop = _cast(H, x_ptr.dtype.element_ty, UPCAST)
-        Hr = Hop.to(tl.float32)
-        # normalization backward: dx = u - n (n . u), n . u = rx^2 sum_j H_ij (x_i . y_j)
-        c_x = tl.where(norm_x >= _EPS, rx * rx * tl.sum(Hr * sraw, 1), 0.0)
-        c_y = tl.where(norm_y >= _EPS, ry * ry * tl.sum(Hr * sraw, 0), 0.0)
+        # The GEMM operands: H rounded to the input dtype (as on the tensor cores), scaled per
+        # row for u = H Y and per column for v = H^T X so that fp16's narrow range never
+        # underflows or overflows (the scales are undone after the product; a no-op for
+        # bf16/fp32 precision).
+        Ha = tl.abs(H)
+        su = tl.max(Ha, 1)
+        su = tl.where(su > 0, su, 1.0)
+        sv = tl.max(Ha, 0)
+        sv = tl.where(sv > 0, sv, 1.0)
+        Hu = _cast(H / su[:, None], x_ptr.dtype.element_ty, UPCAST)
+        Hv = _cast(H / sv[None, :], x_ptr.dtype.element_ty, UPCAST)
+        # normalization backward: dx = u - n (n . u), n . u = rx^2 sum_j H_ij (x_i . y_j), with
+        # the rounded H so that the projection matches the product exactly
+        # (rx sraw_ij = n_i . y_j stays bounded: no overflow for tiny norms)
+        c_x = tl.where(norm_x >= _EPS, su * (rx * tl.sum(Hu.to(tl.float32) * (sraw * rx[:, None]), 1)), 0.0)
+        c_y = tl.where(norm_y >= _EPS, sv * (ry * tl.sum(Hv.to(tl.float32) * (sraw * ry[None, :]), 0)), 0.0)
         for k0 in range(0, D, BK):
             offk = k0 + tl.arange(0, BK)
             m2 = ok[:, None] & (offk < D)[None, :]
@@ -306,11 +316,11 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
             y = tl.load(y_ptr + idx[:, None] * s_ym + offk[None, :] * s_yk, mask=m2, other=0.0)
             out_off = idx[:, None] * D + offk[None, :]
             if NEED_DX:
-                u = _mma(Hop, y, tl.zeros((BB, BK), dtype=tl.float32), UPCAST, IEEE)
+                u = _mma(Hu, y, tl.zeros((BB, BK), dtype=tl.float32), UPCAST, IEEE) * su[:, None]
                 dx = u - x.to(tl.float32) * c_x[:, None]
                 tl.store(gx_ptr + out_off, _cast(dx, gx_ptr.dtype.element_ty, UPCAST), mask=m2)
             if NEED_DY:
-                v = _mma(tl.trans(Hop), x, tl.zeros((BB, BK), dtype=tl.float32), UPCAST, IEEE)
+                v = _mma(tl.trans(Hv), x, tl.zeros((BB, BK), dtype=tl.float32), UPCAST, IEEE) * sv[:, None]
                 dy = v - y.to(tl.float32) * c_y[:, None]
                 tl.store(gy_ptr + out_off, _cast(dy, gy_ptr.dtype.element_ty, UPCAST), mask=m2)
 
@@ -721,7 +731,12 @@ def _backward(grad_parts, x, y, xt, yt, labels, saved, scale, tau, ls, cdw, itaw
         return gx, gy
     rn, stats = saved
     R = cfg.chunk_rows
-    h = torch.empty((R, cfg.ld_h), dtype=x.dtype, device=x.device)
+    # fp16's range cannot hold the unnormalized block s rx ry dS at large B (it underflows):
+    # fp16 inputs run the gradient GEMMs on bf16 operands (bf16-level gradient accuracy)
+    gemm_dtype = torch.bfloat16 if x.dtype == torch.float16 else x.dtype
+    xg = x if x.dtype == gemm_dtype else x.to(gemm_dtype)
+    yg = y if y.dtype == gemm_dtype else y.to(gemm_dtype)
+    h = torch.empty((R, cfg.ld_h), dtype=gemm_dtype, device=x.device)
     u = torch.empty((B, D), dtype=torch.float32, device=x.device) if need_dx else None
     v = torch.empty((B, D), dtype=torch.float32, device=x.device) if need_dy else None
     for r0 in range(0, B, R):
@@ -733,10 +748,10 @@ def _backward(grad_parts, x, y, xt, yt, labels, saved, scale, tau, ls, cdw, itaw
             UPCAST=cfg.upcast, IEEE=cfg.ieee, num_warps=cfg.gwarps, num_stages=cfg.gstages)
         hc = h[: r1 - r0, :B]
         if need_dx:
-            _mm_f32(hc, y, u[r0:r1], accumulate=False)
+            _mm_f32(hc, yg, u[r0:r1], accumulate=False)
         if need_dy:
-            _mm_f32(hc.t(), x[r0:r1], v, accumulate=r0 > 0)
-    del h
+            _mm_f32(hc.t(), xg[r0:r1], v, accumulate=r0 > 0)
+    del h, xg, yg
     br = 16
     grid = (triton.cdiv(B, br),)
     if need_dx:

@@ -13,8 +13,10 @@ from gift_fast.kernels.contrastive_distill import gift_distill_parts_triton
 from gift_fast.losses import _gift_distill_parts_torch, gift_distill_loss, resolve_backend
 
 S, TAU, WCD, WITA = 100.0, 2.0, 1.0, 0.25
-# gradient tolerance, relative to the largest gradient entry
+# gradient tolerance, relative to the largest gradient entry (fp16 at B > 64 runs its gradient
+# GEMMs on bf16 operands: fp16's range cannot hold the unnormalized gradient block)
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
+GRAD_TOL_FP16_LARGE = 1e-2
 LOSS_RTOL = 2e-5   # the similarity products are exact for every dtype: the loss is fp32-accurate
 
 
@@ -45,13 +47,13 @@ def _triton(xs, labels, mode, ls, weights=None, s=S, tau=TAU, **kw):
     return parts.detach(), [leaf.grad for leaf in leaves]
 
 
-def _check(got, want, dtype, what=""):
+def _check(got, want, dtype, what="", large=False):
     got_parts, got_grads = got
     want_parts, want_grads = want
     assert got_parts.dtype == torch.float32 and got_parts.shape == (4,)
     torch.testing.assert_close(got_parts.double().cpu(), want_parts, rtol=LOSS_RTOL, atol=1e-5,
                                msg=lambda m: f"parts {what}: {m}")
-    tol = GRAD_TOL[dtype]
+    tol = GRAD_TOL_FP16_LARGE if (large and dtype == torch.float16) else GRAD_TOL[dtype]
     for name, g, w in zip(("img_s", "txt_s"), got_grads, want_grads):
         if w is None:
             assert g is None, f"{name} must get no gradient in this mode"
@@ -94,7 +96,7 @@ def test_matches_reference_float64(device, B, D, dtype, mode, dup, ls):
     xs, labels = _inputs(B, D, dup=dup, seed=1000 * B + D)
     low, exact = _cast(xs, dtype, device)
     _check(_triton(low, labels.to(device), mode, ls), _reference(exact, labels, mode, ls), dtype,
-           f"B={B} D={D} {dtype} {mode}")
+           f"B={B} D={D} {dtype} {mode}", large=B > cdk.SMALL_B_MAX)
 
 
 @pytest.mark.parametrize("mode", ["contrastive", "image_only", "text_only"])
@@ -147,9 +149,12 @@ def test_upcast_switch_is_the_only_difference(device, path):
     native = _triton(low, labels.to(device), "contrastive", 0.2, _upcast=False, **kw)
     emulated = _triton(low, labels.to(device), "contrastive", 0.2, _upcast=True, **kw)
     torch.testing.assert_close(native[0], emulated[0], rtol=1e-6, atol=1e-6)
+    # the large path's gradient block is bf16 for fp16 inputs, and the interpreter casts to
+    # bf16 by truncation without UPCAST (by rounding with it): a bf16-level difference there
+    tol = 1e-2 if path == "large" else 1e-3
     for g_native, g_emulated in zip(native[1], emulated[1]):
         scale = g_emulated.float().abs().max().item()
-        torch.testing.assert_close(g_native.float(), g_emulated.float(), rtol=2e-3, atol=1e-3 * scale)
+        torch.testing.assert_close(g_native.float(), g_emulated.float(), rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("path", ["small", "large"])
