@@ -13,6 +13,8 @@ allocated during one call above what was allocated before it: grads included, in
 
     python -P -m pytest bench/bench_contrastive_distill.py --benchmark-json=cd.json
     GIFT_FAST_BENCH_SIZES=64,4096 ...      only these B
+    GIFT_FAST_BENCH_FP32=1 ...             also fp32 inputs at B = 64 and 4096 (more compiles)
+    GIFT_FAST_BENCH_TUNE=1 ...             also sweep the Triton tile settings at B = 4096, 16384
     GIFT_FAST_BENCH_CPU=1 ...              CPU smoke run (interpreter, tiny sizes; says nothing of speed)
 """
 import os
@@ -29,7 +31,8 @@ from gift_fast.losses import _gift_distill_parts_torch, gift_distill_loss  # noq
 
 D = 512 if CUDA else 32
 SIZES = [int(b) for b in os.environ.get("GIFT_FAST_BENCH_SIZES", "64,256,1024,4096,16384" if CUDA else "64,96").split(",")]
-FP32_SIZES = [b for b in (64, 4096) if b in SIZES] if CUDA else [64]
+FP32_SIZES = ([b for b in (64, 4096) if b in SIZES] if os.environ.get("GIFT_FAST_BENCH_FP32") == "1" else []) \
+    if CUDA else [64]
 VARIANTS = ("triton", "eager", "compiled") if CUDA else ("triton", "eager")
 KW = dict(logit_scale=100.0, temperature=2.0, label_smoothing=0.2, cd_weight=1.0, ita_weight=0.25)
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
@@ -154,3 +157,46 @@ def test_contrastive_distill_fwd_bwd(benchmark, variant, dtype, B):
     del sets
     if CUDA:
         torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- tile sweep
+# (stats tiles, grad tiles) as (BM, BN, BK, num_warps, num_stages); the first is the default
+TUNE = [
+    ((64, 64, 64, 8, 3), (128, 64, 64, 8, 3)),
+    ((128, 64, 64, 8, 3), (128, 64, 64, 8, 3)),
+    ((64, 128, 64, 8, 3), (128, 64, 64, 8, 3)),
+    ((128, 32, 64, 8, 3), (128, 64, 64, 8, 3)),
+    ((64, 64, 32, 4, 3), (128, 64, 64, 8, 3)),
+    ((64, 64, 64, 8, 3), (64, 64, 64, 8, 3)),
+    ((64, 64, 64, 8, 3), (128, 128, 64, 8, 3)),
+    ((64, 64, 64, 8, 3), (64, 128, 64, 8, 3)),
+]
+TUNE_CASES = [(B, i) for B in (4096, 16384) for i in range(len(TUNE))] \
+    if CUDA and os.environ.get("GIFT_FAST_BENCH_TUNE") == "1" else []
+
+
+@pytest.mark.parametrize("B,i", TUNE_CASES, ids=[f"B{b}-cfg{i}" for b, i in TUNE_CASES])
+def test_contrastive_distill_tile_sweep(benchmark, B, i):
+    import gift_fast.kernels.contrastive_distill as cdk
+    stats_tiles, grad_tiles = TUNE[i]
+    saved = dict(cdk.STATS_TILES), dict(cdk.GRAD_TILES)
+    cdk.STATS_TILES["lowp"], cdk.GRAD_TILES["lowp"] = stats_tiles, grad_tiles
+    cdk._config.cache_clear()
+    try:
+        loss_fn = _loss_fn("triton")
+        sets = _input_sets(B, torch.bfloat16, torch.device("cuda"))
+        benchmark.group = f"contrastive_distill tile sweep B={B}"
+        errs = _check_against_float64(loss_fn, sets[0], torch.bfloat16)
+        assert errs["loss"] <= 1e-4 and errs["grad_img"] <= 1e-2 and errs["grad_txt"] <= 1e-2, errs
+        _sync()
+        n_calls = max(2, min(50, int(TARGET_ROUND_MS / max(_timed_calls(loss_fn, sets, 2), 1e-3))))
+        per_call = []
+        benchmark.pedantic(lambda: per_call.append(_timed_calls(loss_fn, sets, n_calls)), rounds=3, iterations=1,
+                           warmup_rounds=1)
+        benchmark.extra_info.update(B=B, stats_tiles=list(stats_tiles), grad_tiles=list(grad_tiles),
+                                    per_call_ms=statistics.median(per_call[1:]), peak_mb=_peak_mb(loss_fn, sets[0]))
+        del sets
+    finally:
+        cdk.STATS_TILES.update(saved[0])
+        cdk.GRAD_TILES.update(saved[1])
+        cdk._config.cache_clear()

@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+import warnings
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -602,7 +603,7 @@ class _Config:
 
     def __init__(self, B: int, D: int, dtype: torch.dtype, on_gpu: bool, sms: int,
                  force: Optional[str] = None, tiles: Optional[Tuple[int, int, int]] = None,
-                 group: Optional[int] = None, chunk_rows: Optional[int] = None,
+                 group: Union[None, int, Tuple[int, int]] = None, chunk_rows: Optional[int] = None,
                  upcast: Optional[bool] = None):
         self.ieee = dtype == torch.float32
         self.upcast = (not on_gpu) if upcast is None else upcast
@@ -663,8 +664,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             else:
                 torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
-        except (TypeError, RuntimeError):
+        except (TypeError, RuntimeError) as err:
             _MM_OUT_DTYPE_OK[0] = False
+            warnings.warn(f"torch.mm(..., out_dtype=torch.float32) failed ({err}); the CD kernel's gradient "
+                          "GEMMs fall back to rounding their products to the input dtype (less accurate)")
     if a.is_cuda:
         prod = torch.mm(a, b).float()     # older torch: a rounding of the product to bf16/fp16
     else:
@@ -833,7 +836,8 @@ def _plain_float(value, name: str) -> float:
 
 def gift_distill_parts_triton(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing,
                               cd_weight, ita_weight, mode, *, _force_path: Optional[str] = None,
-                              _tiles: Optional[Tuple[int, int, int]] = None, _group: Optional[int] = None,
+                              _tiles: Optional[Tuple[int, int, int]] = None,
+                              _group: Union[None, int, Tuple[int, int]] = None,
                               _chunk_rows: Optional[int] = None, _upcast: Optional[bool] = None) -> torch.Tensor:
     """The four weighted parts (cd_image, cd_text, ita_image, ita_text), float32 [4].
 

@@ -5,6 +5,8 @@ TRITON_INTERPRET=1); with GIFT_FAST_GPU_TESTS=1 the same tests run compiled on C
 The reference runs in float64 on the very values the kernel sees (inputs rounded to
 their dtype first), so the tolerances measure the kernel, not the input rounding.
 """
+import os
+
 import pytest
 import torch
 
@@ -104,7 +106,7 @@ def test_matches_reference_float64(device, B, D, dtype, mode, dup, ls):
 def test_both_paths_every_mode(device, mode, path):
     # the large path with small tiles: several column groups per row block and several
     # gradient chunks, so the partial merges and the chunked accumulation are exercised
-    xs, labels = _inputs(70, 40, dup=True, seed=7)
+    xs, labels = _inputs(60, 40, dup=True, seed=7)
     low, exact = _cast(xs, torch.float32, device)
     kw = dict(_force_path=path)
     if path == "large":
@@ -297,3 +299,85 @@ def test_intermediate_memory_is_linear_in_B():
     fp32_grads = 2 * 16384 * 512 * 4
     assert stats_bytes + fp32_grads <= 128 * 2 ** 20 and h_bytes <= cdk.GRAD_CHUNK_BYTES
     assert cdk._Config(64, 512, torch.bfloat16, on_gpu=True, sms=132).small
+
+
+# ------------------------------------------------------------------ sm_90 compile check (opt-in)
+def _aot_compile_sm90():
+    """Compile every kernel variant the GPU runs for sm_90 (no GPU needed: triton's bundled ptxas)
+    and print registers / spills. Run as ``python tests/test_kernel_contrastive_distill.py --aot``."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    unit_strides = ("s_xk", "s_yk", "s_xtk", "s_ytk", "s_lab")     # contiguous inputs: triton specializes == 1
+    aligned = {"D", "s_xm", "s_ym", "s_xtm", "s_ytm", "ld_h"}        # D = 512: divisible by 16
+
+    def types(dt, scalar_ptrs=False):
+        t = {n: f"*{dt}" for n in ("x_ptr", "y_ptr", "xt_ptr", "yt_ptr", "h_ptr", "gx_ptr", "gy_ptr", "g_ptr")}
+        t.update({n: "*fp32" for n in ("go_ptr", "parts_ptr", "rn_ptr", "part_ptr", "stats_ptr", "lossp_ptr",
+                                       "u_ptr")})
+        t.update(lab_ptr="*i64", **{n: "fp32" for n in ("scale", "tau_in", "ls", "cdw", "itaw", "inv_B")})
+        if scalar_ptrs:
+            t.update(scale="*fp32", tau_in="*fp32")
+        return t
+
+    def compile_one(name, fn, dt, consts, warps, stages=3):
+        consts = dict(consts, **{n: 1 for n in unit_strides if n in fn.arg_names})
+        t = types(dt, consts.get("SCALE_PTR", False))
+        sig = {n: "constexpr" if n in consts else t.get(n, "i32") for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in consts and (sig[n].startswith("*") or n in aligned)}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        os.unlink(f.name)
+        regs = re.findall(r"Used (\d+) registers", out.stderr)
+        spills = re.findall(r"(\d+) bytes spill stores", out.stderr)
+        print(f"{name:60s} shared={k.metadata.shared:6d} regs={regs} spill_stores={spills}", flush=True)
+
+    for tdt in (torch.bfloat16, torch.float16, torch.float32):
+        dt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[tdt]
+        for B in (8, 17, 33):
+            cfg = cdk._Config(B, 512, tdt, True, 132)
+            for grad, ndx, ndy in ((False, False, False), (True, True, True), (True, True, False)):
+                compile_one(f"small {dt} B={B} grad={grad} dx={ndx} dy={ndy}", cdk._small_kernel, dt,
+                            dict(SCALE_PTR=False, TAU_PTR=False, GRAD=grad, NEED_DX=ndx, NEED_DY=ndy, BB=cfg.BB,
+                                 BK=cfg.BK, UPCAST=False, IEEE=cfg.ieee), cfg.warps)
+        cfg = cdk._Config(4096, 512, tdt, True, 132)
+        for fn, (bm, bn, bk, w, st) in ((cdk._stats_kernel, (cfg.BM, cfg.BN, cfg.BK, cfg.warps, cfg.stages)),
+                                        (cdk._grad_tiles_kernel, (cfg.gBM, cfg.gBN, cfg.gBK, cfg.gwarps,
+                                                                  cfg.gstages))):
+            compile_one(f"{fn.__name__} {dt} {bm}x{bn}x{bk} w{w} s{st}", fn, dt,
+                        dict(SCALE_PTR=False, TAU_PTR=False, BM=bm, BN=bn, BK=bk, UPCAST=False, IEEE=cfg.ieee), w, st)
+        compile_one(f"_rnorm_kernel {dt}", cdk._rnorm_kernel, dt, dict(BR=32, BK=64), 4)
+        compile_one(f"_finish_kernel {dt}", cdk._finish_kernel, dt, dict(BR=16, BK=64, UPCAST=False), 4)
+    compile_one("_combine_kernel", cdk._combine_kernel, "fp32", dict(TAU_PTR=False, BC=256), 4)
+    compile_one("small bf16 scale and tau as pointers", cdk._small_kernel, "bf16",
+                dict(SCALE_PTR=True, TAU_PTR=True, GRAD=True, NEED_DX=True, NEED_DY=True, BB=64, BK=32,
+                     UPCAST=False, IEEE=False), 16)
+
+
+@pytest.mark.skipif(os.environ.get("GIFT_FAST_AOT_CHECK") != "1",
+                    reason="compiles every kernel for sm_90 without a GPU (~1 min): set GIFT_FAST_AOT_CHECK=1")
+def test_kernels_compile_for_sm90():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__, "--aot"], env=env, capture_output=True, text=True)
+    print(run.stdout)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--aot" in sys.argv:
+        _aot_compile_sm90()
