@@ -19,10 +19,12 @@ run_stage() {  # name, limit in seconds, command...
   local name=$1 limit=$2; shift 2
   log "stage $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  # stage logs go to one file: only 8 files come back from the machine
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > "/tmp/stage_$name.log" 2>&1
   local rc=$?
   log "stage $name rc=$rc in $((SECONDS - t0))s"
-  tail -n 25 "$OUT/$name.log"
+  { echo "##### stage $name rc=$rc"; cat "/tmp/stage_$name.log"; } >> "$OUT/logs.txt"
+  tail -n 25 "/tmp/stage_$name.log"
 }
 
 for stage in $stages; do
@@ -36,26 +38,26 @@ for stage in $stages; do
       python3 -c "import torch, triton, open_clip, diffusers, gift_fast.kernels.awc as a; print('torch', torch.__version__, 'triton', triton.__version__, 'open_clip', open_clip.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/summary.log"
       ;;
     kernels)  # correctness of both kernels, compiled, against the reference
-      run_stage kernels 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_contrastive_distill.py tests/test_kernel_awc.py tests/test_awc.py tests/test_losses.py
+      run_stage kernels ${LIMIT_KERNELS:-240} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_contrastive_distill.py tests/test_kernel_awc.py tests/test_awc.py tests/test_losses.py
       ;;
     loss)
-      run_stage loss 240 python3 -m pytest -q -s -p no:cacheprovider bench/bench_contrastive_distill.py --benchmark-json="$OUT/bench_loss.json"
+      run_stage loss ${LIMIT_LOSS:-240} python3 -m pytest -q -s -p no:cacheprovider bench/bench_contrastive_distill.py --benchmark-json="$OUT/bench_loss.json"
       ;;
     awc)
-      run_stage awc 180 python3 -m pytest -q -s -p no:cacheprovider bench/bench_awc.py --benchmark-json="$OUT/bench_awc.json"
+      run_stage awc ${LIMIT_AWC:-180} python3 -m pytest -q -s -p no:cacheprovider bench/bench_awc.py --benchmark-json="$OUT/bench_awc.json"
       ;;
     cache)
-      run_stage cache 90 python3 -m gift_fast.data.cache --bench --n 4096 --batches 200 --device cuda
+      run_stage cache ${LIMIT_CACHE:-90} python3 -m gift_fast.data.cache --bench --n ${CACHE_N:-4096} --batches ${CACHE_BATCHES:-200} --device cuda
       ;;
     synth)
       GIFT_FAST_BENCH_SYNTH_SUMMARY="$OUT/synth_summary.json" \
-        run_stage synth 300 python3 -m pytest -q -s -p no:cacheprovider bench/bench_synth.py --benchmark-json="$OUT/bench_synth.json"
+        run_stage synth ${LIMIT_SYNTH:-300} python3 -m pytest -q -s -p no:cacheprovider bench/bench_synth.py --benchmark-json="$OUT/bench_synth.json"
       ;;
     train)
-      run_stage train 360 python3 -m pytest -q -s -p no:cacheprovider bench/bench_train_step.py --benchmark-json="$OUT/bench_train.json"
+      run_stage train ${LIMIT_TRAIN:-360} python3 -m pytest -q -s -p no:cacheprovider bench/bench_train_step.py --benchmark-json="$OUT/bench_train.json"
       ;;
     e2e)
-      run_stage e2e 300 python3 bench/e2e.py --json "$OUT/e2e.json"
+      run_stage e2e ${LIMIT_E2E:-300} python3 bench/e2e.py --json "$OUT/e2e.json"
       ;;
     *) log "unknown stage $stage";;
   esac
