@@ -382,7 +382,10 @@ class CachedImageDataset(Dataset):
                 x, y = item
                 yield self.normalize(x.to(dev, non_blocking=pin)), y.to(dev, non_blocking=pin)
         finally:
+            # join the producer: a daemon thread still inside pin_memory() when the
+            # interpreter exits aborts the process ("terminate called without an active exception")
             stop.set()
+            t.join(timeout=10)
 
 
 def _collate_uint8(batch):
@@ -394,6 +397,7 @@ def _bench(argv=None) -> None:
     """``python -m gift_fast.data.cache --bench``: read throughput of a synthetic cache (no data set
     needed): the uint8 gather alone, and ``iter_batches`` to the device with normalization there."""
     import argparse
+    import contextlib
     import tempfile
     import time
     p = argparse.ArgumentParser(description=_bench.__doc__)
@@ -423,10 +427,12 @@ def _bench(argv=None) -> None:
         print(f"get_batch uint8 gather: {a.batches * a.batch_size / dt:,.0f} img/s "
               f"({dt / a.batches * 1e3:.2f} ms per batch of {a.batch_size})")
         k, t = 0, time.perf_counter()
-        for x, y in ds.iter_batches(a.batch_size, epochs=None, device=a.device):
-            k += 1
-            if k == a.batches:
-                break
+        batches = ds.iter_batches(a.batch_size, epochs=None, device=a.device)
+        with contextlib.closing(batches):       # stops and joins the prefetch thread
+            for x, y in batches:
+                k += 1
+                if k == a.batches:
+                    break
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
