@@ -1,0 +1,141 @@
+"""One GIFT training step (METHOD.md), as a reusable, benchmarkable unit.
+
+    1. L_kd on the synthetic batch (student embeddings against the teacher's, which
+       were computed once per task); backward of L_kd alone;
+    2. ``awc.step()``: the Fisher from those gradients, the penalty gradient into .grad;
+    3. L_ce on the task batch (class prompts through the student text encoder, with
+       gradients), label smoothing; backward, accumulating into the same .grad;
+    4. the optimizer step (and the LR scheduler), then the gradients are cleared.
+
+Nothing here reads a value back to the host: the losses come back as device
+tensors, so a loop can log them every N steps without a sync per step.
+
+The fast path is a set of switches of the same function (``StepConfig``): bf16
+autocast with fp32 master weights, the fused Triton loss and AWC (``kernels``),
+and regional ``torch.compile`` of the transformer blocks (``compile_blocks``:
+each block compiles once and is reused by every layer, so compilation costs
+seconds, not minutes, and the class count of a task does not force a recompile
+of the whole encoder).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gift_fast.losses import feature_distill_loss, gift_distill_loss
+
+DISTILL_MODES = ("contrastive", "image_only", "text_only", "kl", "feature", "none")
+
+
+@dataclass
+class StepConfig:
+    """What one step computes. Defaults are the paper's (METHOD.md)."""
+    logit_scale: float = 100.0        # s = exp(logit_scale), frozen
+    label_smoothing: float = 0.2      # CE on the task batch and ITA
+    temperature: float = 2.0          # tau of CD
+    cd_weight: float = 1.0            # lambda_cd (0 switches CD off)
+    ita_weight: float = 0.25          # lambda_ita (0 switches ITA off)
+    distill: str = "contrastive"      # contrastive | image_only | text_only | kl | feature | none
+    bf16: bool = False                # autocast bf16 (fp32 master weights)
+    kernels: str = "auto"             # torch | triton | auto (Triton on CUDA)
+
+    def __post_init__(self):
+        if self.distill not in DISTILL_MODES:
+            raise ValueError(f"distill must be one of {DISTILL_MODES}, got {self.distill!r}")
+
+
+def _autocast(cfg: StepConfig, device: torch.device):
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def classification_loss(model, images, labels, class_tokens, cfg: StepConfig) -> torch.Tensor:
+    """CE with label smoothing of ``s * n(f_img) @ n(f_txt)^T`` over the task's class prompts."""
+    img = F.normalize(model.encode_image(images).float(), dim=-1)
+    txt = F.normalize(model.encode_text(class_tokens).float(), dim=-1)
+    logits = cfg.logit_scale * img @ txt.T
+    return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+
+
+def distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt,
+                      cfg: StepConfig) -> torch.Tensor:
+    """L_kd of the synthetic batch against the teacher's (cached) embeddings."""
+    img_s = model.encode_image(syn_images)
+    txt_s = model.encode_text(syn_tokens)
+    if cfg.distill == "feature":
+        return feature_distill_loss(img_s, txt_s, teacher_img, teacher_txt, weight=cfg.cd_weight)
+    return gift_distill_loss(img_s, txt_s, teacher_img, teacher_txt, syn_labels, logit_scale=cfg.logit_scale,
+                             temperature=cfg.temperature, label_smoothing=cfg.label_smoothing,
+                             cd_weight=cfg.cd_weight, ita_weight=cfg.ita_weight, mode=cfg.distill,
+                             backend=cfg.kernels)
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
+    """Regional compilation: ``torch.compile`` each transformer block in place.
+
+    The blocks of a tower share their code, so Dynamo compiles one and reuses it
+    for the others; module names and ``state_dict`` keys do not change. Returns
+    the number of blocks compiled.
+    """
+    n = 0
+    for tower in (getattr(getattr(model, "visual", None), "transformer", None), getattr(model, "transformer", None)):
+        blocks = getattr(tower, "resblocks", None)
+        if blocks is None:
+            continue
+        for block in blocks:
+            block.compile(**compile_kwargs)
+            n += 1
+    return n
+
+
+class GiftStep:
+    """One training step of GIFT (or of a baseline, by switches).
+
+    ``awc`` may be None (no consolidation: fine-tune, or a method without AWC);
+    with ``cfg.distill == "none"`` there is no synthetic batch (fine-tune, L2).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig,
+                 awc=None, scheduler=None):
+        self.model, self.optimizer, self.cfg, self.awc, self.scheduler = model, optimizer, cfg, awc, scheduler
+
+    def zero_grad(self) -> None:
+        # The Triton AWC keeps .grad as views of its flat buffers: it clears them in place.
+        if self.awc is not None and getattr(self.awc, "backend", "torch") == "triton":
+            self.awc.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
+                 syn_images: Optional[torch.Tensor] = None, syn_tokens: Optional[torch.Tensor] = None,
+                 syn_labels: Optional[torch.Tensor] = None, teacher_img: Optional[torch.Tensor] = None,
+                 teacher_txt: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        cfg, model = self.cfg, self.model
+        device = images.device
+        out: Dict[str, torch.Tensor] = {}
+        if cfg.distill != "none":
+            if syn_images is None or teacher_img is None:
+                raise ValueError(f"distill={cfg.distill!r} needs the synthetic batch and the teacher's embeddings")
+            with _autocast(cfg, device):
+                loss_kd = distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt, cfg)
+            loss_kd.backward()          # the gradients of L_kd alone: AWC's Fisher comes from them
+            out["loss_kd"] = loss_kd.detach()
+        if self.awc is not None:
+            out["loss_awc"] = self.awc.step()
+        with _autocast(cfg, device):
+            loss_ce = classification_loss(model, images, labels, class_tokens, cfg)
+        loss_ce.backward()              # accumulates into the same .grad (no zero_grad in between)
+        out["loss_ce"] = loss_ce.detach()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.zero_grad()
+        return out
+
+
+__all__ = ["StepConfig", "GiftStep", "classification_loss", "distillation_loss", "compile_blocks"]
