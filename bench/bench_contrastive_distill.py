@@ -2,9 +2,13 @@
 
 Variants: ``triton`` (gift_distill_loss(backend="triton")), ``eager`` (the reference) and
 ``compiled`` (torch.compile of the reference, dynamic=False), at B in {64, 256, 1024, 4096,
-16384}, D = 512, bf16 inputs (what training feeds); fp32 inputs at two sizes. Each case
-first checks the loss and gradients against the float64 reference on the same values
-(a fast wrong kernel fails here, before it is timed).
+16384}, D = 512, bf16 inputs (what training feeds); fp32 inputs at two sizes. These time
+back-to-back calls with CUDA events, so a slow host's Python / launch overhead is included.
+``triton_graph`` and ``compiled_graph`` capture the same forward + backward (gradients into
+static buffers) in one CUDA graph per input set and time its replays: the GPU-side time, as a
+CUDA-graphed training step sees it. Each case first checks the loss and gradients against the
+float64 reference on the same values (a fast wrong kernel fails here, before it is timed; the
+graph variants check the outputs of a replay).
 
 Recorded in ``extra_info`` (the numbers for bench/RESULTS.md): ``per_call_ms`` (median over
 rounds of CUDA-event time / calls, one call = forward + backward), ``peak_mb`` (max memory
@@ -14,6 +18,7 @@ allocated during one call above what was allocated before it: grads included, in
     python -P -m pytest bench/bench_contrastive_distill.py --benchmark-json=cd.json
     GIFT_FAST_BENCH_SIZES=64,4096 ...      only these B
     GIFT_FAST_BENCH_FP32=1 ...             also fp32 inputs at B = 64 and 4096 (more compiles)
+    GIFT_FAST_BENCH_GRAPH=0 ...            skip the CUDA-graph variants
     GIFT_FAST_BENCH_TUNE=1 ...             also sweep the Triton tile settings at B = 4096, 16384
     GIFT_FAST_BENCH_CPU=1 ...              CPU smoke run (interpreter, tiny sizes; says nothing of speed)
 """
@@ -33,7 +38,9 @@ D = 512 if CUDA else 32
 SIZES = [int(b) for b in os.environ.get("GIFT_FAST_BENCH_SIZES", "64,256,1024,4096,16384" if CUDA else "64,96").split(",")]
 FP32_SIZES = ([b for b in (64, 4096) if b in SIZES] if os.environ.get("GIFT_FAST_BENCH_FP32") == "1" else []) \
     if CUDA else [64]
-VARIANTS = ("triton", "eager", "compiled") if CUDA else ("triton", "eager")
+GRAPH = CUDA and os.environ.get("GIFT_FAST_BENCH_GRAPH", "1") != "0"
+VARIANTS = (("triton", "eager", "compiled") + (("triton_graph", "compiled_graph") if GRAPH else ())) if CUDA \
+    else ("triton", "eager")
 KW = dict(logit_scale=100.0, temperature=2.0, label_smoothing=0.2, cd_weight=1.0, ita_weight=0.25)
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 TARGET_ROUND_MS = 25.0
@@ -49,6 +56,7 @@ def _reference_loss(img_s, txt_s, img_t, txt_t, labels):
 
 
 def _loss_fn(variant):
+    variant = variant.replace("_graph", "")
     if variant == "triton":
         return lambda *a: gift_distill_loss(*a, backend="triton", **KW)
     if variant == "eager":
@@ -74,20 +82,57 @@ def _input_sets(B, dtype, device):
     return sets
 
 
-def _check_against_float64(loss_fn, inputs, dtype):
-    """Max errors of the loss and both gradients relative to float64 on the same values."""
+def _check_against_float64(loss_fn, inputs, dtype, graphed=None):
+    """Max errors of the loss and both gradients relative to float64 on the same values
+    (graphed: the (graph, static loss) of these inputs, replayed instead of a call)."""
     a, b, img_t, txt_t, labels = inputs
-    a.grad = b.grad = None
-    loss = loss_fn(a, b, img_t, txt_t, labels)
-    loss.backward()
+    if graphed is None:
+        a.grad = b.grad = None
+        loss = loss_fn(a, b, img_t, txt_t, labels)
+        loss.backward()
+    else:
+        graphed[0].replay()
+        torch.cuda.synchronize()
+        loss = graphed[1]
     ra, rb = (x.detach().double().requires_grad_(True) for x in (a, b))
     ref = _reference_loss(ra, rb, img_t.double(), txt_t.double(), labels)
     ref.backward()
     errs = {"loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12)}
     for name, got, want in (("grad_img", a.grad, ra.grad), ("grad_txt", b.grad, rb.grad)):
         errs[name] = ((got.double() - want).abs().max() / want.abs().max()).item()
-    a.grad = b.grad = None
+    if graphed is None:
+        a.grad = b.grad = None
     return errs
+
+
+def _capture(loss_fn, inputs):
+    """One CUDA graph of forward + backward on these inputs: the gradients land in static
+    buffers (a.grad, b.grad, allocated during the capture and rewritten by every replay)."""
+    a, b, img_t, txt_t, labels = inputs
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                 # warm-up (compiles, caches) off the capture
+        for _ in range(2):
+            a.grad = b.grad = None
+            loss_fn(a, b, img_t, txt_t, labels).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    a.grad = b.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = loss_fn(a, b, img_t, txt_t, labels)
+        loss.backward()
+    return graph, loss
+
+
+def _timed_replays(graphs, n_calls):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(n_calls):
+        graphs[i % len(graphs)][0].replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n_calls
 
 
 def _fwd_bwd(loss_fn, inputs):
@@ -139,6 +184,9 @@ def test_contrastive_distill_fwd_bwd(benchmark, variant, dtype, B):
     loss_fn = _loss_fn(variant)
     sets = _input_sets(B, dtype, device)
     benchmark.group = f"contrastive_distill {str(dtype)[6:]} B={B} D={D}"
+    if variant.endswith("_graph"):
+        _bench_graphed(benchmark, variant, dtype, B, loss_fn, sets)
+        return
     errs = _check_against_float64(loss_fn, sets[0], dtype)       # also the warm-up / compile
     for k, v in errs.items():
         benchmark.extra_info[f"max_rel_err_{k}"] = v
@@ -157,6 +205,31 @@ def test_contrastive_distill_fwd_bwd(benchmark, variant, dtype, B):
     del sets
     if CUDA:
         torch.cuda.empty_cache()
+
+
+def _bench_graphed(benchmark, variant, dtype, B, loss_fn, sets):
+    _sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graphs = [_capture(loss_fn, inputs) for inputs in sets]
+    errs = _check_against_float64(loss_fn, sets[0], dtype, graphed=graphs[0])
+    for k, v in errs.items():
+        benchmark.extra_info[f"max_rel_err_{k}"] = v
+    assert errs["loss"] <= 1e-4 and errs["grad_img"] <= TOL[dtype] and errs["grad_txt"] <= TOL[dtype], errs
+    first = _timed_replays(graphs, 2 * len(graphs))
+    n_calls = max(2 * len(graphs), min(2000, int(TARGET_ROUND_MS / max(first, 1e-3))))
+    per_call = []
+    benchmark.pedantic(lambda: per_call.append(_timed_replays(graphs, n_calls)), rounds=ROUNDS, iterations=1,
+                       warmup_rounds=1)
+    graph_pool_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 / len(graphs)
+    benchmark.extra_info.update(variant=variant, dtype=str(dtype)[6:], B=B, D=D, calls_per_round=n_calls,
+                                per_call_ms=statistics.median(per_call[1:] if len(per_call) > 1 else per_call),
+                                per_call_ms_min=min(per_call), graph_pool_mb_per_graph=graph_pool_mb)
+    for inputs in sets:
+        inputs[0].grad = inputs[1].grad = None
+    del graphs, sets
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- tile sweep

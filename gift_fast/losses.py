@@ -193,8 +193,12 @@ def gift_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Ten
     args = (img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing,
             cd_weight, ita_weight, mode)
     if chosen == "triton":
-        from gift_fast.kernels.contrastive_distill import gift_distill_parts_triton
-        parts_vec = gift_distill_parts_triton(*args)
+        from gift_fast.kernels import contrastive_distill as cdk
+        if not return_parts:
+            # the kernel sums the parts itself (no sum op / autograd node: host time at small B)
+            total = cdk.gift_distill_loss_triton(*args)
+            return total.double() if img_s.dtype == torch.float64 else total
+        parts_vec = cdk.gift_distill_parts_triton(*args)
     else:
         parts_vec = _gift_distill_parts_torch(*args)
     parts_vec = parts_vec.to(_output_dtype(img_s))

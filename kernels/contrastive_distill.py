@@ -34,6 +34,13 @@ Every loss term is summed from non-negative pieces (``P'_ij (lse_i - S_ij / tau)
 ``At_ij (lse_i - S_ij)``, and in the partials distances to the running maximum), so
 there is no cancellation between two large numbers even at s = 100.
 
+Host cost (a slow host makes small B launch-bound): the kernels take contiguous inputs
+(strided views are copied first) so no stride arguments are passed, the forward's fp32
+buffers are one workspace allocation, the launch parameters are cached per shape, and
+``gift_distill_loss_triton`` (what ``gift_distill_loss`` calls without ``return_parts``)
+writes the sum of the parts itself: no sum op and no autograd node after the kernel.
+Small B: 2 launches and 3 allocations per forward + backward.
+
 The backward is real (not precomputed in the forward): it reads the gradient of the
 four parts from device memory, so any weighting of the parts (or backpropagating one
 part) is exact, and no host synchronization happens anywhere.
@@ -57,11 +64,15 @@ import triton.language as tl
 SMALL_B_MAX = 64
 # Upper bound of the B x rows block of H materialized at a time in the large backward.
 GRAD_CHUNK_BYTES = 64 * 2 ** 20
+# Partial statistics up to this size live in the workspace kept for the backward (saves an
+# allocation per call; above it they are freed at the end of the forward).
+PART_SHARED_BYTES = 8 * 2 ** 20
 
 _EPS = tl.constexpr(1e-12)       # F.normalize's eps
 _NEG = tl.constexpr(-1.0e30)     # finite "-inf": 0 * (x - _NEG) stays 0, never inf * 0
 _N_STATS = 9                     # per partial slot: m, l1, l2, mp, lp, w, a, b, c
 MODES = ("contrastive", "image_only", "text_only")
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ============================================================================ helpers
@@ -105,7 +116,7 @@ def _cast(v, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _raw_tile(x_ptr, y_ptr, s_xm, s_xk, s_ym, s_yk, rows, cols, row_ok, col_ok, D,
+def _raw_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Unnormalized X_rows . Y_cols^T in fp32."""
@@ -113,24 +124,23 @@ def _raw_tile(x_ptr, y_ptr, s_xm, s_xk, s_ym, s_yk, rows, cols, row_ok, col_ok, 
     for k0 in range(0, D, BK):
         offk = k0 + tl.arange(0, BK)
         k_ok = offk < D
-        x = tl.load(x_ptr + rows[:, None] * s_xm + offk[None, :] * s_xk,
+        x = tl.load(x_ptr + rows[:, None] * D + offk[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        y = tl.load(y_ptr + cols[None, :] * s_ym + offk[:, None] * s_yk,
+        y = tl.load(y_ptr + cols[None, :] * D + offk[:, None],
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mma(x, y, acc, UPCAST, IEEE)
     return acc
 
 
 @triton.jit
-def _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, s_xm, s_xk, s_ym, s_yk, s_xtm, s_xtk, s_ytm, s_ytk,
-               rows, cols, row_ok, col_ok, D,
+def _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, rows, cols, row_ok, col_ok, D,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Unnormalized X_rows . Y_cols^T and X'_rows . Y'_cols^T (fp32), one K loop each
     (two short pipelines hold fewer registers than one with four operands)."""
-    acc = _raw_tile(x_ptr, y_ptr, s_xm, s_xk, s_ym, s_yk, rows, cols, row_ok, col_ok, D,
+    acc = _raw_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D,
                     BM, BN, BK, UPCAST, IEEE)
-    acc_t = _raw_tile(xt_ptr, yt_ptr, s_xtm, s_xtk, s_ytm, s_ytk, rows, cols, row_ok, col_ok, D,
+    acc_t = _raw_tile(xt_ptr, yt_ptr, rows, cols, row_ok, col_ok, D,
                       BM, BN, BK, UPCAST, IEEE)
     return acc, acc_t
 
@@ -185,14 +195,17 @@ def _merge(M, L1, L2, MP, LP, W, A, Bs, C, m, l1, l2, mp, lp, w, a, b, c, inv_ta
 
 # ======================================================================= small B path
 @triton.jit(do_not_specialize=["B"])
-def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_ptr, gy_ptr,
-                  scale, tau_in, ls, cdw, itaw, inv_B,
-                  B, D,
-                  s_xm, s_xk, s_ym, s_yk, s_xtm, s_xtk, s_ytm, s_ytk, s_lab, s_go,
-                  SCALE_PTR: tl.constexpr, TAU_PTR: tl.constexpr, GRAD: tl.constexpr,
+def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, io_ptr, gx_ptr, gy_ptr,
+                  scale, tau_in, ls, cdw, itaw, inv_B, B, D, s_go,
+                  SCALE_PTR: tl.constexpr, TAU_PTR: tl.constexpr, GRAD: tl.constexpr, TOTAL: tl.constexpr,
                   NEED_DX: tl.constexpr, NEED_DY: tl.constexpr,
                   BB: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """The whole problem in one program: the loss (GRAD=False) or the gradients (GRAD=True)."""
+    """The whole problem in one program: the loss (GRAD=False) or the gradients (GRAD=True).
+
+    Contiguous inputs (row stride D). io_ptr: the output (the four parts, or with TOTAL
+    their sum) in the forward; the gradient of the output, stride s_go (0 for the total),
+    in the backward.
+    """
     s = _scalar(scale, SCALE_PTR)
     tau = _scalar(tau_in, TAU_PTR)
     inv_tau = 1.0 / tau
@@ -209,10 +222,11 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
     for k0 in range(0, D, BK):
         offk = k0 + tl.arange(0, BK)
         m2 = ok[:, None] & (offk < D)[None, :]
-        x = tl.load(x_ptr + idx[:, None] * s_xm + offk[None, :] * s_xk, mask=m2, other=0.0)
-        y = tl.load(y_ptr + idx[:, None] * s_ym + offk[None, :] * s_yk, mask=m2, other=0.0)
-        xt = tl.load(xt_ptr + idx[:, None] * s_xtm + offk[None, :] * s_xtk, mask=m2, other=0.0)
-        yt = tl.load(yt_ptr + idx[:, None] * s_ytm + offk[None, :] * s_ytk, mask=m2, other=0.0)
+        off = idx[:, None] * D + offk[None, :]
+        x = tl.load(x_ptr + off, mask=m2, other=0.0)
+        y = tl.load(y_ptr + off, mask=m2, other=0.0)
+        xt = tl.load(xt_ptr + off, mask=m2, other=0.0)
+        yt = tl.load(yt_ptr + off, mask=m2, other=0.0)
         sraw = _mma(x, tl.trans(y), sraw, UPCAST, IEEE)
         traw = _mma(xt, tl.trans(yt), traw, UPCAST, IEEE)
         xf = x.to(tl.float32)
@@ -265,7 +279,7 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
     nr_c = lse1_c[None, :] - S
 
     # ITA target from the labels: (1 - ls) [k_i == k_j] / count_i + ls / B
-    lab = tl.load(lab_ptr + idx * s_lab, mask=ok, other=0)
+    lab = tl.load(lab_ptr + idx, mask=ok, other=0)
     match = tl.where((lab[:, None] == lab[None, :]) & ok2, 1.0, 0.0)
     cnt = tl.sum(match, 1)
     At = tl.where(ok2, (1.0 - ls) * match / tl.maximum(cnt, 1.0)[:, None] + ls * inv_B, 0.0)
@@ -277,15 +291,18 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
         cd_txt = tl.sum(tl.sum(tl.where(ok2, P_c * nq_c, 0.0), 1), 0)
         ita_img = tl.sum(tl.sum(tl.where(ok2, At * nr_r, 0.0), 1), 0)
         ita_txt = tl.sum(tl.sum(tl.where(ok2, At * nr_c, 0.0), 1), 0)
-        tl.store(parts_ptr + 0, cd_coef * cd_img)
-        tl.store(parts_ptr + 1, cd_coef * cd_txt)
-        tl.store(parts_ptr + 2, ita_coef * ita_img)
-        tl.store(parts_ptr + 3, ita_coef * ita_txt)
+        if TOTAL:
+            tl.store(io_ptr, ((cd_coef * cd_img + cd_coef * cd_txt) + ita_coef * ita_img) + ita_coef * ita_txt)
+        else:
+            tl.store(io_ptr + 0, cd_coef * cd_img)
+            tl.store(io_ptr + 1, cd_coef * cd_txt)
+            tl.store(io_ptr + 2, ita_coef * ita_img)
+            tl.store(io_ptr + 3, ita_coef * ita_txt)
     else:
-        g0 = tl.load(go_ptr).to(tl.float32)
-        g1 = tl.load(go_ptr + s_go).to(tl.float32)
-        g2 = tl.load(go_ptr + 2 * s_go).to(tl.float32)
-        g3 = tl.load(go_ptr + 3 * s_go).to(tl.float32)
+        g0 = tl.load(io_ptr).to(tl.float32)
+        g1 = tl.load(io_ptr + s_go).to(tl.float32)
+        g2 = tl.load(io_ptr + 2 * s_go).to(tl.float32)
+        g3 = tl.load(io_ptr + 3 * s_go).to(tl.float32)
         Q_r = tl.exp(-nq_r)
         Q_c = tl.exp(-nq_c)
         R_r = tl.exp(-nr_r)
@@ -313,9 +330,9 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
         for k0 in range(0, D, BK):
             offk = k0 + tl.arange(0, BK)
             m2 = ok[:, None] & (offk < D)[None, :]
-            x = tl.load(x_ptr + idx[:, None] * s_xm + offk[None, :] * s_xk, mask=m2, other=0.0)
-            y = tl.load(y_ptr + idx[:, None] * s_ym + offk[None, :] * s_yk, mask=m2, other=0.0)
             out_off = idx[:, None] * D + offk[None, :]
+            x = tl.load(x_ptr + out_off, mask=m2, other=0.0)
+            y = tl.load(y_ptr + out_off, mask=m2, other=0.0)
             if NEED_DX:
                 u = _mma(Hu, y, tl.zeros((BB, BK), dtype=tl.float32), UPCAST, IEEE) * su[:, None]
                 dx = u - x.to(tl.float32) * c_x[:, None]
@@ -328,27 +345,25 @@ def _small_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, go_ptr, parts_ptr, gx_p
 
 # ======================================================================= large B path
 @triton.jit
-def _rnorm_rows(ptr, s_m, s_k, rows, ok, D, BR: tl.constexpr, BK: tl.constexpr):
+def _rnorm_rows(ptr, rows, ok, D, BR: tl.constexpr, BK: tl.constexpr):
     acc = tl.zeros((BR,), dtype=tl.float32)
     for k0 in range(0, D, BK):
         offk = k0 + tl.arange(0, BK)
-        v = tl.load(ptr + rows[:, None] * s_m + offk[None, :] * s_k,
+        v = tl.load(ptr + rows[:, None] * D + offk[None, :],
                     mask=ok[:, None] & (offk < D)[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(v * v, 1)
     return 1.0 / tl.maximum(tl.sqrt(acc), _EPS)
 
 
 @triton.jit(do_not_specialize=["B"])
-def _rnorm_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, rn_ptr, B, D,
-                  s_xm, s_xk, s_ym, s_yk, s_xtm, s_xtk, s_ytm, s_ytk,
-                  BR: tl.constexpr, BK: tl.constexpr):
+def _rnorm_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, rn_ptr, B, D, BR: tl.constexpr, BK: tl.constexpr):
     """rn[t, i] = 1 / max(||row i of tensor t||, eps) for t = X, Y, X', Y'."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     ok = rows < B
-    tl.store(rn_ptr + rows, _rnorm_rows(x_ptr, s_xm, s_xk, rows, ok, D, BR, BK), mask=ok)
-    tl.store(rn_ptr + B + rows, _rnorm_rows(y_ptr, s_ym, s_yk, rows, ok, D, BR, BK), mask=ok)
-    tl.store(rn_ptr + 2 * B + rows, _rnorm_rows(xt_ptr, s_xtm, s_xtk, rows, ok, D, BR, BK), mask=ok)
-    tl.store(rn_ptr + 3 * B + rows, _rnorm_rows(yt_ptr, s_ytm, s_ytk, rows, ok, D, BR, BK), mask=ok)
+    tl.store(rn_ptr + rows, _rnorm_rows(x_ptr, rows, ok, D, BR, BK), mask=ok)
+    tl.store(rn_ptr + B + rows, _rnorm_rows(y_ptr, rows, ok, D, BR, BK), mask=ok)
+    tl.store(rn_ptr + 2 * B + rows, _rnorm_rows(xt_ptr, rows, ok, D, BR, BK), mask=ok)
+    tl.store(rn_ptr + 3 * B + rows, _rnorm_rows(yt_ptr, rows, ok, D, BR, BK), mask=ok)
 
 
 @triton.jit
@@ -380,9 +395,8 @@ def _load_stats(ptr, B, idx, ok):
 
 
 @triton.jit(do_not_specialize=["B"])
-def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr,
+def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr, part_off,
                   scale, tau_in, B, D, n_ib, n_jb, GR, GC, n_cg,
-                  s_xm, s_xk, s_ym, s_yk, s_xtm, s_xtk, s_ytm, s_ytk, s_lab,
                   SCALE_PTR: tl.constexpr, TAU_PTR: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -395,6 +409,7 @@ def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr,
     """
     s = _scalar(scale, SCALE_PTR)
     inv_tau = 1.0 / _scalar(tau_in, TAU_PTR)
+    part_ptr += part_off
     rg = tl.program_id(0)
     cg = tl.program_id(1)
     i_begin = rg * GR
@@ -407,7 +422,7 @@ def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr,
         row_ok = rows < B
         srx = s * tl.load(rn_ptr + rows, mask=row_ok, other=0.0)
         srxt = s * tl.load(rn_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-        lab_r = tl.load(lab_ptr + rows * s_lab, mask=row_ok, other=0)
+        lab_r = tl.load(lab_ptr + rows, mask=row_ok, other=0)
         M = tl.full((BM,), _NEG, dtype=tl.float32)
         MP = tl.full((BM,), _NEG, dtype=tl.float32)
         L1 = tl.zeros((BM,), dtype=tl.float32)
@@ -423,9 +438,8 @@ def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr,
             ok2 = row_ok[:, None] & col_ok[None, :]
             ry = tl.load(rn_ptr + B + cols, mask=col_ok, other=0.0)
             ryt = tl.load(rn_ptr + 3 * B + cols, mask=col_ok, other=0.0)
-            lab_c = tl.load(lab_ptr + cols * s_lab, mask=col_ok, other=0)
-            sraw, traw = _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, s_xm, s_xk, s_ym, s_yk,
-                                    s_xtm, s_xtk, s_ytm, s_ytk, rows, cols, row_ok, col_ok, D,
+            lab_c = tl.load(lab_ptr + cols, mask=col_ok, other=0)
+            sraw, traw = _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, rows, cols, row_ok, col_ok, D,
                                     BM, BN, BK, UPCAST, IEEE)
             S = sraw * srx[:, None] * ry[None, :]
             St = traw * srxt[:, None] * ryt[None, :]
@@ -444,14 +458,18 @@ def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr,
 
 
 @triton.jit(do_not_specialize=["B"])
-def _combine_kernel(part_ptr, stats_ptr, lossp_ptr, tau_in, ls, cdw, itaw, inv_B,
+def _combine_kernel(part_ptr, part_off, ws_ptr, tau_in, ls, cdw, itaw, inv_B,
                     B, n_row_slots, n_col_slots,
                     TAU_PTR: tl.constexpr, BC: tl.constexpr):
     """Merge the partial slots of rows (axis 1 = 0) or columns (axis 1 = 1).
 
     Writes stats[side] = (lse at 1, lse at tau, teacher lse at tau, label count) and this
-    program's share of the loss terms to lossp[pid, (cd, ita) of the side].
+    program's share of the loss terms to lossp[pid, (cd, ita) of the side] (the workspace
+    layout: rn [4, B], stats [2, 4, B], lossp [n_c, 4]).
     """
+    part_ptr += part_off
+    stats_ptr = ws_ptr + 4 * B
+    lossp_ptr = ws_ptr + 12 * B
     tau = _scalar(tau_in, TAU_PTR)
     inv_tau = 1.0 / tau
     pid = tl.program_id(0)
@@ -503,14 +521,17 @@ def _combine_kernel(part_ptr, stats_ptr, lossp_ptr, tau_in, ls, cdw, itaw, inv_B
 
 
 @triton.jit(do_not_specialize=["B", "r0", "r_end"])
-def _grad_tiles_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, stats_ptr, go_ptr, h_ptr,
+def _grad_tiles_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, go_ptr, h_ptr,
                        scale, tau_in, ls, cdw, itaw, inv_B,
-                       B, D, r0, r_end, ld_h,
-                       s_xm, s_xk, s_ym, s_yk, s_xtm, s_xtk, s_ytm, s_ytk, s_lab, s_go,
+                       B, D, r0, r_end, ld_h, s_go,
                        SCALE_PTR: tl.constexpr, TAU_PTR: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """H[i - r0, j] = s rx_i ry_j dL/dS_ij for rows r0 <= i < r_end (the GEMM operand)."""
+    """H[i - r0, j] = s rx_i ry_j dL/dS_ij for rows r0 <= i < r_end (the GEMM operand).
+
+    rn_ptr: the forward's workspace (rn [4, B], then stats [2, 4, B]).
+    """
+    stats_ptr = rn_ptr + 4 * B
     s = _scalar(scale, SCALE_PTR)
     tau = _scalar(tau_in, TAU_PTR)
     inv_tau = 1.0 / tau
@@ -523,8 +544,7 @@ def _grad_tiles_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, stats_ptr,
     ry = tl.load(rn_ptr + B + cols, mask=col_ok, other=0.0)
     srxt = s * tl.load(rn_ptr + 2 * B + rows, mask=row_ok, other=0.0)
     ryt = tl.load(rn_ptr + 3 * B + cols, mask=col_ok, other=0.0)
-    sraw, traw = _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, s_xm, s_xk, s_ym, s_yk,
-                            s_xtm, s_xtk, s_ytm, s_ytk, rows, cols, row_ok, col_ok, D,
+    sraw, traw = _raw_tiles(x_ptr, y_ptr, xt_ptr, yt_ptr, rows, cols, row_ok, col_ok, D,
                             BM, BN, BK, UPCAST, IEEE)
     S = sraw * srx[:, None] * ry[None, :]
     St_tau = traw * srxt[:, None] * ryt[None, :] * inv_tau
@@ -536,8 +556,8 @@ def _grad_tiles_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, stats_ptr,
     lse1_c = tl.load(stats_ptr + 4 * B + cols, mask=col_ok, other=0.0)
     lse2_c = tl.load(stats_ptr + 5 * B + cols, mask=col_ok, other=0.0)
     lset_c = tl.load(stats_ptr + 6 * B + cols, mask=col_ok, other=0.0)
-    lab_r = tl.load(lab_ptr + rows * s_lab, mask=row_ok, other=0)
-    lab_c = tl.load(lab_ptr + cols * s_lab, mask=col_ok, other=0)
+    lab_r = tl.load(lab_ptr + rows, mask=row_ok, other=0)
+    lab_c = tl.load(lab_ptr + cols, mask=col_ok, other=0)
     g0 = tl.load(go_ptr).to(tl.float32)
     g1 = tl.load(go_ptr + s_go).to(tl.float32)
     g2 = tl.load(go_ptr + 2 * s_go).to(tl.float32)
@@ -554,19 +574,17 @@ def _grad_tiles_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, stats_ptr,
     tl.store(h_ptr + (rows - r0)[:, None] * ld_h + cols[None, :], _cast(H, h_ptr.dtype.element_ty, UPCAST), mask=ok2)
 
 
-@triton.jit(do_not_specialize=["B"])
-def _finish_kernel(x_ptr, s_xm, s_xk, u_ptr, g_ptr, B, D, BR: tl.constexpr, BK: tl.constexpr,
-                   UPCAST: tl.constexpr):
+@triton.jit
+def _finish_rows(x_ptr, u_ptr, g_ptr, rows, ok, D, BK: tl.constexpr, UPCAST: tl.constexpr):
     """g = u - x rx^2 (x . u): the backward of x / max(||x||, eps) applied to u = rx * dL/dn."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    ok = rows < B
-    sq = tl.zeros((BR,), dtype=tl.float32)
-    xu = tl.zeros((BR,), dtype=tl.float32)
+    sq = tl.zeros(rows.shape, dtype=tl.float32)
+    xu = tl.zeros(rows.shape, dtype=tl.float32)
     for k0 in range(0, D, BK):
         offk = k0 + tl.arange(0, BK)
         m2 = ok[:, None] & (offk < D)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * s_xm + offk[None, :] * s_xk, mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + rows[:, None] * D + offk[None, :], mask=m2, other=0.0)
+        off = rows[:, None] * D + offk[None, :]
+        x = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=m2, other=0.0)
         sq += tl.sum(x * x, 1)
         xu += tl.sum(x * u, 1)
     norm = tl.sqrt(sq)
@@ -575,10 +593,26 @@ def _finish_kernel(x_ptr, s_xm, s_xk, u_ptr, g_ptr, B, D, BR: tl.constexpr, BK: 
     for k0 in range(0, D, BK):
         offk = k0 + tl.arange(0, BK)
         m2 = ok[:, None] & (offk < D)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * s_xm + offk[None, :] * s_xk, mask=m2, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + rows[:, None] * D + offk[None, :], mask=m2, other=0.0)
-        tl.store(g_ptr + rows[:, None] * D + offk[None, :], _cast(u - c[:, None] * x, g_ptr.dtype.element_ty, UPCAST),
-                 mask=m2)
+        off = rows[:, None] * D + offk[None, :]
+        x = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=m2, other=0.0)
+        tl.store(g_ptr + off, _cast(u - c[:, None] * x, g_ptr.dtype.element_ty, UPCAST), mask=m2)
+
+
+@triton.jit(do_not_specialize=["B"])
+def _finish_kernel(x_ptr, y_ptr, u_ptr, v_ptr, gx_ptr, gy_ptr, B, D, NEED_DX: tl.constexpr,
+                   BR: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    """Both normalization backwards in one launch: program (i, 0) is X's rows (when NEED_DX),
+    the last column Y's rows (grid[1] = number of gradients needed)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = rows < B
+    if NEED_DX:
+        if tl.program_id(1) == 0:
+            _finish_rows(x_ptr, u_ptr, gx_ptr, rows, ok, D, BK, UPCAST)
+        else:
+            _finish_rows(y_ptr, v_ptr, gy_ptr, rows, ok, D, BK, UPCAST)
+    else:
+        _finish_rows(y_ptr, v_ptr, gy_ptr, rows, ok, D, BK, UPCAST)
 
 
 # ======================================================================== host side
@@ -639,6 +673,19 @@ class _Config:
         if chunk_rows is None:
             chunk_rows = max(self.gBM, (GRAD_CHUNK_BYTES // (self.ld_h * itemsize)) // self.gBM * self.gBM)
         self.chunk_rows = min(chunk_rows, triton.cdiv(B, self.gBM) * self.gBM)
+        # forward workspace (fp32): rn [4, B] | stats [2, 4, B] | lossp [n_c, 4], kept for the
+        # backward; the partials (only the forward needs them) share that allocation while
+        # small (one allocation less per call), and get their own above PART_SHARED_BYTES
+        self.BC = 256
+        self.n_c = triton.cdiv(B, self.BC)
+        self.keep_floats = 12 * B + 4 * self.n_c
+        self.part_floats = (self.n_cg + self.n_rg) * _N_STATS * B
+        self.part_shared = self.part_floats * 4 <= PART_SHARED_BYTES
+        self.single_chunk = self.chunk_rows >= B
+        self.grid_rnorm = (triton.cdiv(B, 32),)
+        self.grid_stats = (self.n_rg, self.n_cg)
+        self.grid_combine = (self.n_c, 2)
+        self.grid_finish = triton.cdiv(B, 16)
 
 
 @functools.lru_cache(maxsize=256)
@@ -678,61 +725,55 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         out.copy_(prod)
 
 
-def _strides(*ts):
-    out = []
-    for t in ts:
-        out += [t.stride(0), t.stride(1)]
-    return out
-
-
-def _forward(x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg: _Config, scale_ptr, tau_ptr):
+def _forward(x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg: _Config, scale_ptr, tau_ptr, total):
+    """Inputs contiguous. Returns the output (the four parts, or their sum with total) and the
+    tensors the backward needs."""
     B, D = x.shape
     dev = x.device
-    parts = torch.empty(4, dtype=torch.float32, device=dev)
-    strides = _strides(x, y, xt, yt)
+    out = torch.empty(() if total else (4,), dtype=torch.float32, device=dev)
     inv_B = 1.0 / B
     if cfg.small:
-        _small_kernel[(1,)](x, y, xt, yt, labels, parts, parts, x, y,
-                            scale, tau, ls, cdw, itaw, inv_B, B, D, *strides, labels.stride(0), 0,
-                            SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr, GRAD=False, NEED_DX=False, NEED_DY=False,
-                            BB=cfg.BB, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee, num_warps=cfg.warps)
-        return parts, ()
-    rn = torch.empty((4, B), dtype=torch.float32, device=dev)
-    br = 32
-    _rnorm_kernel[(triton.cdiv(B, br),)](x, y, xt, yt, rn, B, D, *strides, BR=br, BK=64, num_warps=4)
-    part = torch.empty((cfg.n_cg + cfg.n_rg, _N_STATS, B), dtype=torch.float32, device=dev)
-    _stats_kernel[(cfg.n_rg, cfg.n_cg)](
-        x, y, xt, yt, labels, rn, part, scale, tau, B, D, cfg.n_ib, cfg.n_jb, cfg.GR, cfg.GC, cfg.n_cg,
-        *strides, labels.stride(0), SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee,
+        _small_kernel[(1,)](x, y, xt, yt, labels, out, x, y, scale, tau, ls, cdw, itaw, inv_B, B, D, 0,
+                            SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr, GRAD=False, TOTAL=total, NEED_DX=False,
+                            NEED_DY=False, BB=cfg.BB, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee,
+                            num_warps=cfg.warps)
+        return out, None
+    if cfg.part_shared:
+        ws = torch.empty(cfg.keep_floats + cfg.part_floats, dtype=torch.float32, device=dev)
+        part, part_off = ws, cfg.keep_floats
+    else:
+        ws = torch.empty(cfg.keep_floats, dtype=torch.float32, device=dev)
+        part, part_off = torch.empty(cfg.part_floats, dtype=torch.float32, device=dev), 0
+    _rnorm_kernel[cfg.grid_rnorm](x, y, xt, yt, ws, B, D, BR=32, BK=64, num_warps=4)
+    _stats_kernel[cfg.grid_stats](
+        x, y, xt, yt, labels, ws, part, part_off, scale, tau, B, D, cfg.n_ib, cfg.n_jb, cfg.GR, cfg.GC, cfg.n_cg,
+        SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee,
         num_warps=cfg.warps, num_stages=cfg.stages)
-    stats = torch.empty((2, 4, B), dtype=torch.float32, device=dev)
-    bc = 256
-    n_c = triton.cdiv(B, bc)
-    lossp = torch.empty((n_c, 4), dtype=torch.float32, device=dev)
-    _combine_kernel[(n_c, 2)](part, stats, lossp, tau, ls, cdw, itaw, inv_B, B, cfg.n_cg, cfg.n_rg,
-                              TAU_PTR=tau_ptr, BC=bc, num_warps=4)
+    _combine_kernel[cfg.grid_combine](part, part_off, ws, tau, ls, cdw, itaw, inv_B, B, cfg.n_cg, cfg.n_rg,
+                                      TAU_PTR=tau_ptr, BC=cfg.BC, num_warps=4)
     del part
-    torch.sum(lossp, 0, out=parts)
-    return parts, (rn, stats)
+    lossp = ws[12 * B: cfg.keep_floats].view(cfg.n_c, 4)
+    if total:
+        torch.sum(lossp, (0, 1), out=out)
+    else:
+        torch.sum(lossp, 0, out=out)
+    return out, ws
 
 
-def _backward(grad_parts, x, y, xt, yt, labels, saved, scale, tau, ls, cdw, itaw, cfg: _Config,
+def _backward(grad_out, x, y, xt, yt, labels, ws, scale, tau, ls, cdw, itaw, cfg: _Config,
               scale_ptr, tau_ptr, need_dx, need_dy):
     B, D = x.shape
-    strides = _strides(x, y, xt, yt)
     inv_B = 1.0 / B
-    gx = torch.empty((B, D), dtype=x.dtype, device=x.device) if need_dx else None
-    gy = torch.empty((B, D), dtype=y.dtype, device=y.device) if need_dy else None
+    # stride 0: the gradient of the total is one number for all four parts
+    s_go = 0 if grad_out.dim() == 0 else grad_out.stride(0)
+    gx = torch.empty((B, D), dtype=x.dtype, device=x.device) if need_dx else x
+    gy = torch.empty((B, D), dtype=y.dtype, device=y.device) if need_dy else y
     if cfg.small:
-        _small_kernel[(1,)](x, y, xt, yt, labels, grad_parts, grad_parts,
-                            gx if need_dx else x, gy if need_dy else y,
-                            scale, tau, ls, cdw, itaw, inv_B, B, D, *strides, labels.stride(0),
-                            grad_parts.stride(0),
-                            SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr, GRAD=True, NEED_DX=need_dx, NEED_DY=need_dy,
-                            BB=cfg.BB, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee, num_warps=cfg.warps)
-        return gx, gy
-    rn, stats = saved
+        _small_kernel[(1,)](x, y, xt, yt, labels, grad_out, gx, gy, scale, tau, ls, cdw, itaw, inv_B, B, D, s_go,
+                            SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr, GRAD=True, TOTAL=False, NEED_DX=need_dx,
+                            NEED_DY=need_dy, BB=cfg.BB, BK=cfg.BK, UPCAST=cfg.upcast, IEEE=cfg.ieee,
+                            num_warps=cfg.warps)
+        return (gx if need_dx else None), (gy if need_dy else None)
     R = cfg.chunk_rows
     # fp16's range cannot hold the unnormalized block s rx ry dS at large B (it underflows):
     # fp16 inputs run the gradient GEMMs on bf16 operands (bf16-level gradient accuracy)
@@ -745,64 +786,65 @@ def _backward(grad_parts, x, y, xt, yt, labels, saved, scale, tau, ls, cdw, itaw
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
         _grad_tiles_kernel[(triton.cdiv(r1 - r0, cfg.gBM), triton.cdiv(B, cfg.gBN))](
-            x, y, xt, yt, labels, rn, stats, grad_parts, h, scale, tau, ls, cdw, itaw, inv_B,
-            B, D, r0, r1, cfg.ld_h, *strides, labels.stride(0), grad_parts.stride(0),
+            x, y, xt, yt, labels, ws, grad_out, h, scale, tau, ls, cdw, itaw, inv_B,
+            B, D, r0, r1, cfg.ld_h, s_go,
             SCALE_PTR=scale_ptr, TAU_PTR=tau_ptr, BM=cfg.gBM, BN=cfg.gBN, BK=cfg.gBK,
             UPCAST=cfg.upcast, IEEE=cfg.ieee, num_warps=cfg.gwarps, num_stages=cfg.gstages)
-        hc = h[: r1 - r0, :B]
+        # (one chunk: the whole blocks, no views; each view is a dispatcher call on the host)
+        hc = h if (r1 - r0 == R and cfg.ld_h == B) else h[: r1 - r0, :B]
         if need_dx:
-            _mm_f32(hc, yg, u[r0:r1], accumulate=False)
+            _mm_f32(hc, yg, u if cfg.single_chunk else u[r0:r1], accumulate=False)
         if need_dy:
-            _mm_f32(hc.t(), xg[r0:r1], v, accumulate=r0 > 0)
+            _mm_f32(hc.t(), xg if cfg.single_chunk else xg[r0:r1], v, accumulate=r0 > 0)
     del h, xg, yg
-    br = 16
-    grid = (triton.cdiv(B, br),)
-    if need_dx:
-        _finish_kernel[grid](x, x.stride(0), x.stride(1), u, gx, B, D, BR=br, BK=64, UPCAST=cfg.upcast, num_warps=4)
-    if need_dy:
-        _finish_kernel[grid](y, y.stride(0), y.stride(1), v, gy, B, D, BR=br, BK=64, UPCAST=cfg.upcast, num_warps=4)
-    return gx, gy
+    _finish_kernel[(cfg.grid_finish, int(need_dx) + int(need_dy))](
+        x, y, u if need_dx else v, v if need_dy else u, gx, gy, B, D, NEED_DX=need_dx, BR=16, BK=64,
+        UPCAST=cfg.upcast, num_warps=4)
+    return (gx if need_dx else None), (gy if need_dy else None)
 
 
 class GiftDistillFunction(torch.autograd.Function):
-    """Parts [cd_image, cd_text, ita_image, ita_text] of (x, y) = the student sides of the mode.
+    """Parts [cd_image, cd_text, ita_image, ita_text] of (x, y) = the student sides of the mode,
+    or with ``total`` their sum (a 0-dim tensor: no sum op and no autograd node after it).
 
-    The backward reads the gradient of the four parts on the device (any weighting is exact,
-    no sync) and recomputes the similarity tiles.
+    The inputs are contiguous. The backward reads the gradient of the output on the device (any
+    weighting is exact, no sync) and recomputes the similarity tiles.
     """
 
     @staticmethod
-    def forward(ctx, x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg, scale_ptr, tau_ptr):
-        parts, saved = _forward(x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg, scale_ptr, tau_ptr)
-        tensors = [x, y, xt, yt, labels, *saved]
-        ctx.scale_ptr, ctx.tau_ptr = scale_ptr, tau_ptr
-        ctx.scale = None if scale_ptr else scale
-        ctx.tau = None if tau_ptr else tau
-        if scale_ptr:
-            tensors.append(scale)
-        if tau_ptr:
-            tensors.append(tau)
-        ctx.n_saved = len(saved)
-        ctx.save_for_backward(*tensors)
-        ctx.consts = (ls, cdw, itaw, cfg)
-        return parts
+    def forward(ctx, x, y, xt, yt, labels, scale, tau, consts):
+        ls, cdw, itaw, cfg, scale_ptr, tau_ptr, total = consts
+        out, ws = _forward(x, y, xt, yt, labels, scale, tau, ls, cdw, itaw, cfg, scale_ptr, tau_ptr, total)
+        ctx.consts = consts
+        ctx.scalars = (None if scale_ptr else scale, None if tau_ptr else tau)
+        ctx.extra = bool(scale_ptr or tau_ptr or ws is not None)
+        if ctx.extra:
+            ctx.save_for_backward(x, y, xt, yt, labels, scale if scale_ptr else None, tau if tau_ptr else None, ws)
+        else:
+            ctx.save_for_backward(x, y, xt, yt, labels)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_parts):
-        x, y, xt, yt, labels, *rest = ctx.saved_tensors
-        saved = tuple(rest[:ctx.n_saved])
-        rest = rest[ctx.n_saved:]
-        scale = rest.pop(0) if ctx.scale_ptr else ctx.scale
-        tau = rest.pop(0) if ctx.tau_ptr else ctx.tau
-        ls, cdw, itaw, cfg = ctx.consts
+    def backward(ctx, grad_out):
+        ls, cdw, itaw, cfg, scale_ptr, tau_ptr, _ = ctx.consts
         need_dx, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dy):
-            return (None,) * 13
-        if grad_parts.dtype != torch.float32:
-            grad_parts = grad_parts.float()
-        gx, gy = _backward(grad_parts, x, y, xt, yt, labels, saved, scale, tau, ls, cdw, itaw, cfg,
-                           ctx.scale_ptr, ctx.tau_ptr, need_dx, need_dy)
-        return (gx, gy) + (None,) * 11
+            return None, None, None, None, None, None, None, None
+        scale, tau = ctx.scalars
+        if ctx.extra:
+            x, y, xt, yt, labels, scale_t, tau_t, ws = ctx.saved_tensors
+            if scale_ptr:
+                scale = scale_t
+            if tau_ptr:
+                tau = tau_t
+        else:
+            x, y, xt, yt, labels = ctx.saved_tensors
+            ws = None
+        if grad_out.dtype != torch.float32:
+            grad_out = grad_out.float()
+        gx, gy = _backward(grad_out, x, y, xt, yt, labels, ws, scale, tau, ls, cdw, itaw, cfg,
+                           scale_ptr, tau_ptr, need_dx, need_dy)
+        return gx, gy, None, None, None, None, None, None
 
 
 def _interpreting() -> bool:
@@ -834,6 +876,59 @@ def _plain_float(value, name: str) -> float:
     return float(value)
 
 
+def _apply(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing, cd_weight, ita_weight,
+           mode, total, force_path=None, tiles=None, group=None, chunk_rows=None, upcast=None) -> torch.Tensor:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} for backend='triton', got {mode!r}")
+    on_gpu = img_s.is_cuda
+    if not on_gpu and not _interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (the CPU runs Triton only through the "
+                         "TRITON_INTERPRET=1 interpreter, for tests); use backend='auto' or 'torch'")
+    dtype = img_s.dtype
+    if not (txt_s.dtype == dtype and img_t.dtype == dtype and txt_t.dtype == dtype and dtype in _NATIVE_DTYPES):
+        dtypes = {img_s.dtype, txt_s.dtype, img_t.dtype, txt_t.dtype}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        if dtype not in _NATIVE_DTYPES:
+            dtype = torch.float32
+        img_s, txt_s, img_t, txt_t = (t if t.dtype == dtype else t.to(dtype) for t in (img_s, txt_s, img_t, txt_t))
+    # the teacher is a constant (text_only makes img_t the X side: no gradient may reach it)
+    if img_t.requires_grad:
+        img_t = img_t.detach()
+    if txt_t.requires_grad:
+        txt_t = txt_t.detach()
+    if mode == "contrastive":
+        x, y = img_s, txt_s
+    elif mode == "image_only":
+        x, y = img_s, txt_t
+    else:
+        x, y = img_t, txt_s
+    # the kernels index contiguous rows (fewer launch arguments); a copy only for strided views
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not y.is_contiguous():
+        y = y.contiguous()
+    if not img_t.is_contiguous():
+        img_t = img_t.contiguous()
+    if not txt_t.is_contiguous():
+        txt_t = txt_t.contiguous()
+    if not labels.is_contiguous():
+        labels = labels.contiguous()
+    B, D = x.shape
+    if B * D >= 2 ** 31 or B * B >= 2 ** 31:
+        raise ValueError(f"B = {B}, D = {D} is too large for the int32 indexing of the Triton kernels "
+                         "(B * D and B * B must stay below 2**31): use backend='torch' or split the batch")
+    dev = x.device
+    scale, scale_ptr = _runtime_scalar(logit_scale, "logit_scale", dev)
+    tau, tau_ptr = _runtime_scalar(temperature, "temperature", dev)
+    ls = _plain_float(label_smoothing, "label_smoothing")
+    cdw = _plain_float(cd_weight, "cd_weight")
+    itaw = _plain_float(ita_weight, "ita_weight")
+    sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device()) if on_gpu else 1
+    cfg = _config(B, D, dtype, on_gpu, sms, force_path, tiles, group, chunk_rows, upcast)
+    return GiftDistillFunction.apply(x, y, img_t, txt_t, labels, scale, tau,
+                                     (ls, cdw, itaw, cfg, scale_ptr, tau_ptr, total))
+
+
 def gift_distill_parts_triton(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing,
                               cd_weight, ita_weight, mode, *, _force_path: Optional[str] = None,
                               _tiles: Optional[Tuple[int, int, int]] = None,
@@ -847,46 +942,20 @@ def gift_distill_parts_triton(img_s, txt_s, img_t, txt_t, labels, logit_scale, t
     ``temperature`` may be 0-dim tensors on the embeddings' device (read by the kernels: no host
     sync); they get no gradient. The underscored arguments are for tests and tuning only.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} for backend='triton', got {mode!r}")
-    if not img_s.is_cuda and not _interpreting():
-        raise ValueError("backend='triton' needs CUDA tensors (the CPU runs Triton only through the "
-                         "TRITON_INTERPRET=1 interpreter, for tests); use backend='auto' or 'torch'")
-    dtypes = {img_s.dtype, txt_s.dtype, img_t.dtype, txt_t.dtype}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        dtype = torch.float32
-    if img_s.dtype != dtype:
-        img_s = img_s.to(dtype)
-    if txt_s.dtype != dtype:
-        txt_s = txt_s.to(dtype)
-    img_t = img_t.detach()
-    txt_t = txt_t.detach()
-    if img_t.dtype != dtype:
-        img_t = img_t.to(dtype)
-    if txt_t.dtype != dtype:
-        txt_t = txt_t.to(dtype)
-    if mode == "contrastive":
-        x, y = img_s, txt_s
-    elif mode == "image_only":
-        x, y = img_s, txt_t
-    else:
-        x, y = img_t, txt_s
-    B, D = x.shape
-    if B * max(D, x.stride(0), y.stride(0), img_t.stride(0), txt_t.stride(0)) >= 2 ** 31 or B * B >= 2 ** 31:
-        raise ValueError(f"B = {B}, D = {D} is too large for the int32 indexing of the Triton kernels "
-                         "(B * D and B * B must stay below 2**31): use backend='torch' or split the batch")
-    dev = x.device
-    scale, scale_ptr = _runtime_scalar(logit_scale, "logit_scale", dev)
-    tau, tau_ptr = _runtime_scalar(temperature, "temperature", dev)
-    ls = _plain_float(label_smoothing, "label_smoothing")
-    cdw = _plain_float(cd_weight, "cd_weight")
-    itaw = _plain_float(ita_weight, "ita_weight")
-    on_gpu = x.is_cuda
-    sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device()) if on_gpu else 1
-    cfg = _config(B, D, dtype, on_gpu, sms, _force_path, _tiles, _group, _chunk_rows, _upcast)
-    return GiftDistillFunction.apply(x, y, img_t, txt_t, labels, scale, tau, ls, cdw, itaw, cfg,
-                                     scale_ptr, tau_ptr)
+    return _apply(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing, cd_weight,
+                  ita_weight, mode, False, _force_path, _tiles, _group, _chunk_rows, _upcast)
 
 
-__all__ = ["gift_distill_parts_triton", "GiftDistillFunction", "SMALL_B_MAX", "GRAD_CHUNK_BYTES"]
+def gift_distill_loss_triton(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing,
+                             cd_weight, ita_weight, mode, *, _force_path: Optional[str] = None,
+                             _tiles: Optional[Tuple[int, int, int]] = None,
+                             _group: Union[None, int, Tuple[int, int]] = None,
+                             _chunk_rows: Optional[int] = None, _upcast: Optional[bool] = None) -> torch.Tensor:
+    """The sum of the four parts as a 0-dim float32 tensor (``gift_distill_parts_triton(...).sum()``
+    computed in the kernel: one op and one autograd node less per call, which is what a small
+    batch costs on a slow host). Same arguments and gradients as gift_distill_parts_triton."""
+    return _apply(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing, cd_weight,
+                  ita_weight, mode, True, _force_path, _tiles, _group, _chunk_rows, _upcast)
+
+
+__all__ = ["gift_distill_parts_triton", "gift_distill_loss_triton", "GiftDistillFunction", "SMALL_B_MAX", "GRAD_CHUNK_BYTES"]
