@@ -38,7 +38,7 @@ for stage in $stages; do
       python3 -c "import torch, triton, open_clip, diffusers, gift_fast.kernels.awc as a; print('torch', torch.__version__, 'triton', triton.__version__, 'open_clip', open_clip.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/summary.log"
       ;;
     kernels)  # correctness of both kernels, compiled, against the reference
-      run_stage kernels ${LIMIT_KERNELS:-240} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_contrastive_distill.py tests/test_kernel_awc.py tests/test_awc.py tests/test_losses.py
+      run_stage kernels ${LIMIT_KERNELS:-240} python3 -m pytest -q -p no:cacheprovider tests/test_kernel_awc.py tests/test_kernel_contrastive_distill.py ${KERNEL_TEST_ARGS:-}
       ;;
     loss)
       run_stage loss ${LIMIT_LOSS:-240} python3 -m pytest -q -s -p no:cacheprovider bench/bench_contrastive_distill.py --benchmark-json="$OUT/bench_loss.json"
@@ -54,10 +54,10 @@ for stage in $stages; do
         run_stage synth ${LIMIT_SYNTH:-300} python3 -m pytest -q -s -p no:cacheprovider bench/bench_synth.py --benchmark-json="$OUT/bench_synth.json"
       ;;
     train)
-      run_stage train ${LIMIT_TRAIN:-360} python3 -m pytest -q -s -p no:cacheprovider bench/bench_train_step.py --benchmark-json="$OUT/bench_train.json"
+      run_stage train ${LIMIT_TRAIN:-360} python3 -m pytest -q -s -p no:cacheprovider bench/bench_train_step.py -x --benchmark-json="$OUT/bench_train.json"
       ;;
     e2e)
-      run_stage e2e ${LIMIT_E2E:-300} python3 bench/e2e.py --json "$OUT/e2e.json"
+      run_stage e2e ${LIMIT_E2E:-300} python3 bench/e2e.py ${E2E_ARGS:-} --json "$OUT/e2e.json"
       ;;
     *) log "unknown stage $stage";;
   esac
