@@ -1,0 +1,205 @@
+"""``gift-fast train`` and ``gift-fast eval``: parse options, call gift_fast.train / gift_fast.evaluate.
+
+torch and the rest are imported inside the commands so ``gift-fast --help`` stays fast.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+# Defaults of the MTIL path (the tiny preset brings its own): the folders the other commands write.
+MTIL_DEFAULTS = dict(data_root="data/mtil", synth="data/synthetic", data_cache="data/cache")
+
+
+def _csv(value):
+    if value is None:
+        return None
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _seeds(value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise click.BadParameter(f"--seeds takes integers separated by commas, got {value!r}") from None
+
+
+@click.command("train")
+@click.option("--preset", type=click.Choice(["tiny"]), default=None,
+              help="tiny: the toy world on a CPU in minutes, no downloads (GIFT vs continual fine-tuning, 3 seeds).")
+@click.option("--out", default=None, help="Run folder (several runs: one sub-folder each). Default runs/<preset or "
+              "method>.")
+@click.option("--resume", is_flag=True, help="Continue the run(s) in --out after the last finished task.")
+# model
+@click.option("--model", default=None, help="open_clip architecture (default ViT-B-16) or a tiny one (toy-vit).")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (default openai), a local checkpoint file, "
+              "or 'none'.")
+# tasks
+@click.option("--order", type=int, default=None, help="MTIL order 1 or 2 (default 1).")
+@click.option("--tasks", default=None, help="Comma-separated task names instead of an order (MTIL or toy names).")
+@click.option("--data-root", default=None, help=f"MTIL data sets (default {MTIL_DEFAULTS['data_root']}; "
+              "see `gift-fast data check`).")
+@click.option("--data-cache", default=None, help=f"Decoded-image cache (default {MTIL_DEFAULTS['data_cache']}; "
+              "'none' to decode every time).")
+# method
+@click.option("--method", default=None, help="gift | finetune | l2 | ewc-v, or several separated by commas "
+              "(default gift; the tiny preset runs gift,finetune).")
+@click.option("--cd/--no-cd", default=None, help="Contrastive distillation on or off (overrides the method).")
+@click.option("--ita/--no-ita", default=None, help="Image-text alignment on or off (overrides the method).")
+@click.option("--awc/--no-awc", default=None, help="Adaptive weight consolidation on or off (off: none).")
+@click.option("--consolidation", type=click.Choice(["none", "uniform", "adaptive", "static"]), default=None,
+              help="Weight consolidation explicitly: uniform = the L2 baseline, static = EWC-V.")
+@click.option("--distill", type=click.Choice(["contrastive", "feature", "image-only", "text-only", "kl"]),
+              default=None, help="Distillation loss (Tab. 4a). Default contrastive.")
+@click.option("--teacher", default=None, help="last | initial | wise:ALPHA (teacher = ALPHA * initial + "
+              "(1 - ALPHA) * last). Default last.")
+@click.option("--cd-weight", type=float, default=None, help="lambda_cd (default 1).")
+@click.option("--ita-weight", type=float, default=None, help="lambda_ita (default 0.25).")
+@click.option("--l2", type=float, default=None, help="lambda_l2, strength of the weight consolidation (default 1).")
+@click.option("--awc-decay", type=float, default=None, help="Running Fisher estimate decay beta (default 0).")
+@click.option("--fisher-batches", type=int, default=None, help="EWC-V: synthetic batches of the static Fisher "
+              "(default 10).")
+@click.option("--temperature", type=float, default=None, help="tau of CD (default 2).")
+@click.option("--label-smoothing", type=float, default=None, help="Label smoothing of CE and ITA (default 0.2).")
+# synthetic data
+@click.option("--synth", default=None, help=f"A `gift-fast synth` folder (default {MTIL_DEFAULTS['synth']}) or "
+              "'on-the-fly' (generate before each task, discard after).")
+@click.option("--reference-images", default=None, type=click.Path(file_okay=False),
+              help="Distill on real images instead (Tab. 5): <class>/<image> folders or image_text.csv.")
+@click.option("--images-per-task", type=int, default=None, help="Distillation pairs per task (default 1000).")
+@click.option("--generator", type=click.Choice(["sd", "toy"]), default=None, help="On-the-fly generator.")
+@click.option("--sd-model", default=None, help="Stable Diffusion pipeline (Hub id or folder) for on-the-fly.")
+@click.option("--sd-steps", type=int, default=None, help="Denoising steps for on-the-fly (default 50).")
+@click.option("--synth-seed", type=int, default=None, help="Seed of prompts and images (default: --seeds).")
+@click.option("--keep-synth", is_flag=True, default=None, help="Keep on-the-fly images in <out>/synthetic.")
+# optimisation
+@click.option("--steps", type=int, default=None, help="Iterations per task (default 1000).")
+@click.option("--batch-size", type=int, default=None, help="Task images per step (default 64).")
+@click.option("--syn-batch-size", type=int, default=None, help="Synthetic pairs per step (default 64).")
+@click.option("--warmup", type=int, default=None, help="Warm-up steps of the cosine schedule (default 100).")
+@click.option("--lr", type=float, default=None, help="One learning rate for all tasks (default: per task, "
+              "5e-5 for Aircraft and MNIST, 1e-5 otherwise).")
+# speed
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto).")
+@click.option("--bf16", is_flag=True, default=None, help="bf16 autocast with fp32 master weights.")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the transformer blocks.")
+@click.option("--kernels", type=click.Choice(["triton", "torch", "auto"]), default=None,
+              help="Fused Triton loss and AWC (auto: on CUDA). Default auto.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads per run.")
+@click.option("--num-workers", type=int, default=None, help="Data loader workers (default 4).")
+# evaluation, runs
+@click.option("--eval-batch-size", type=int, default=None)
+@click.option("--log-every", type=int, default=None, help="Steps between log lines (default 50).")
+@click.option("--seeds", default=None, help="Seeds, comma-separated (default 0; the tiny preset 0,1,2).")
+@click.option("--jobs", type=int, default=None, help="Runs at a time, in worker processes (CPU presets).")
+@click.option("--keep-checkpoints", type=click.Choice(["all", "last"]), default=None)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--label", default=None, help="Name of the run(s) in reports.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, **opts):
+    """Continual training of CLIP on a task sequence with GIFT (or a baseline), evaluation after every task.
+
+    \b
+    gift-fast train --preset tiny --out runs/tiny        # the toy world, CPU, minutes
+    gift-fast train --order 1 --bf16 --out runs/order1   # the paper's MTIL protocol (GPU)
+    """
+    import dataclasses
+
+    from gift_fast.report import report
+    from gift_fast.train import PRESET_RUNS, TrainConfig, plan_runs, preset_config, run_many
+
+    opts["compile"] = compile_
+    none_pretrained = (opts.get("pretrained") or "").lower() == "none"
+    none_cache = (opts.get("data_cache") or "").lower() == "none"
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if "tasks" in opts:
+        opts["tasks"] = _csv(opts["tasks"])
+    if none_pretrained:
+        opts["pretrained"] = None
+    if none_cache:
+        opts["data_cache"] = None
+    methods = _csv(method)
+    seed_list = _seeds(seeds)
+    try:
+        if preset:
+            runs = PRESET_RUNS[preset]
+            base = preset_config(preset, **opts)
+            methods = methods or list(runs["methods"])
+            seed_list = seed_list or list(runs["seeds"])
+            jobs = jobs or runs["jobs"] or min(2, os.cpu_count() or 1)
+            default_out = f"runs/{preset}"
+        else:
+            for k, v in MTIL_DEFAULTS.items():
+                opts.setdefault(k, v)
+            base = TrainConfig(**opts)
+            methods = methods or ["gift"]
+            seed_list = seed_list or [0]
+            jobs = jobs or 1
+            default_out = f"runs/{'-'.join(methods)}"
+        base = dataclasses.replace(base, out=out or default_out, resume=resume, plots=not no_plots,
+                                   progress=not quiet)
+        cfgs = plan_runs(base, methods, seed_list)
+        for c in cfgs:
+            c.method_spec()          # bad method / switch combinations fail before any work
+        run_many(cfgs, jobs=jobs, progress=not quiet)
+        text = report([c.out for c in cfgs], markdown=os.path.join(base.out, "report.md"))
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(text)
+    click.echo(f"(written to {os.path.join(base.out, 'report.md')})", err=True)
+
+
+@click.command("eval")
+@click.option("--preset", type=click.Choice(["tiny"]), default=None, help="Evaluate on the toy tasks.")
+@click.option("--model", default=None, help="open_clip architecture or tiny model (default ViT-B-16 / toy-vit).")
+@click.option("--pretrained", default=None, help="Pretrained tag or checkpoint (e.g. a run's checkpoints/*.safetensors).")
+@click.option("--order", type=int, default=None, help="MTIL order 1 or 2 (default 1).")
+@click.option("--tasks", default=None, help="Comma-separated task names.")
+@click.option("--data-root", default=None, help=f"MTIL data sets (default {MTIL_DEFAULTS['data_root']}).")
+@click.option("--data-cache", default=None, help="Decoded-image cache folder ('none' to decode every time).")
+@click.option("--device", default="auto")
+@click.option("--bf16", is_flag=True)
+@click.option("--batch-size", type=int, default=256)
+@click.option("--out", default=None, help="Write the accuracies as JSON here.")
+@click.option("--quiet", is_flag=True)
+def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache, device, bf16, batch_size, out, quiet):
+    """Zero-shot top-1 accuracy of a model (or a run's checkpoint) on every task of a sequence."""
+    import json
+
+    from gift_fast.evaluate import evaluate_tasks
+    from gift_fast.models import atomic_write_text
+    from gift_fast.train import TrainConfig, build_task_list, load_bundle, preset_config, resolve_device
+
+    try:
+        kw = dict(model=model, pretrained=pretrained, order=order, tasks=_csv(tasks), data_root=data_root,
+                  device=device, bf16=bf16, progress=not quiet)
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if (pretrained or "").lower() == "none":
+            kw["pretrained"] = None
+        if data_cache is not None:
+            kw["data_cache"] = None if data_cache.lower() == "none" else data_cache
+        if preset:
+            cfg = preset_config(preset, **kw)
+        else:
+            kw.setdefault("data_root", MTIL_DEFAULTS["data_root"])
+            kw.setdefault("data_cache", MTIL_DEFAULTS["data_cache"])
+            cfg = TrainConfig(**kw)
+        dev = resolve_device(cfg.device)
+        bundle = load_bundle(cfg, dev)
+        task_list = build_task_list(cfg, bundle)
+        accs = evaluate_tasks(bundle.model, bundle.tokenizer, task_list, device=dev, bf16=cfg.bf16,
+                              batch_size=batch_size, progress=not quiet)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    rows = {t.name: a for t, a in zip(task_list, accs)}
+    width = max(len(n) for n in rows)
+    for n, a in rows.items():
+        click.echo(f"{n:<{width}}  {a:6.2f}")
+    click.echo(f"{'mean':<{width}}  {sum(accs) / len(accs):6.2f}")
+    if out:
+        atomic_write_text(out, json.dumps({"model": cfg.model, "pretrained": cfg.pretrained, "accuracy": rows},
+                                          indent=2) + "\n")

@@ -1,0 +1,938 @@
+"""The continual training loop: GIFT and its baselines over a sequence of tasks.
+
+Data flow of one run (``train(cfg)``)::
+
+    model (open_clip, or the toy world's tiny CLIP)  ->  zero-shot row of the accuracy matrix
+    for each task t:
+        teacher  = the model after task t-1 (or the initial model, or a WiSE mix of both)
+        anchor   = the weights at the start of task t (AWC's theta*)
+        synthetic set of task t (a `gift-fast synth` folder, generated now, or real reference images)
+        teacher embeddings of the whole synthetic set, once (it is fixed and not augmented)
+        steps: GiftStep (gift_fast.step): L_kd backward alone -> awc.step() -> L_ce backward -> AdamW
+        evaluate on every task of the sequence -> row t of the accuracy matrix
+        checkpoint (safetensors, atomic) + state.json
+    metrics (continual_metrics), acc_matrix.csv, plots
+
+Methods are flags of this one loop (``MethodSpec``): ``finetune`` = L_ce only;
+``l2`` = L_ce + uniform weight consolidation; ``ewc-v`` = CD + ITA + a static Fisher
+estimated on synthetic batches before each task; ``gift`` = CD + ITA + adaptive
+AWC. Switches override a method's parts (Tab. 3 and 4 of the paper).
+
+Randomness is derived per task from (seed, task index), never from the process's
+history, so ``--resume`` after task k gives the same final numbers as an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+METHODS = ("gift", "finetune", "l2", "ewc-v")
+CONSOLIDATIONS = ("none", "uniform", "adaptive", "static")
+DISTILL_LOSSES = ("contrastive", "feature", "image-only", "text-only", "kl")
+_STEP_DISTILL = {"contrastive": "contrastive", "feature": "feature", "image-only": "image_only",
+                 "text-only": "text_only", "kl": "kl"}
+
+# method -> (cd, ita, consolidation)
+METHOD_DEFAULTS: Dict[str, Tuple[bool, bool, str]] = {
+    "gift": (True, True, "adaptive"),
+    "finetune": (False, False, "none"),
+    "l2": (False, False, "uniform"),
+    "ewc-v": (True, True, "static"),
+}
+
+
+# =============================================================================== methods
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method computes: which losses, which consolidation, which teacher."""
+    name: str
+    cd: bool
+    ita: bool
+    consolidation: str            # none | uniform | adaptive | static
+    distill: str = "contrastive"  # contrastive | feature | image-only | text-only | kl
+    teacher: str = "last"         # last | initial | wise:ALPHA
+
+    @property
+    def distills(self) -> bool:
+        return self.cd or self.ita
+
+    @property
+    def needs_synthetic(self) -> bool:
+        return self.distills or self.consolidation == "static"
+
+    def label(self) -> str:
+        """A short name for tables: the method, plus what differs from its defaults."""
+        cd, ita, cons = METHOD_DEFAULTS[self.name]
+        extra = []
+        if self.cd != cd:
+            extra.append("+CD" if self.cd else "-CD")
+        if self.ita != ita:
+            extra.append("+ITA" if self.ita else "-ITA")
+        if self.consolidation != cons:
+            extra.append(f"wc={self.consolidation}")
+        if self.distills and self.distill != "contrastive":
+            extra.append(f"distill={self.distill}")
+        if self.distills and self.teacher != "last":
+            extra.append(f"teacher={self.teacher}")
+        return self.name + (" " + " ".join(extra) if extra else "")
+
+
+def parse_teacher(spec: str) -> Tuple[str, float]:
+    """``"last"`` -> ("last", 0), ``"initial"`` -> ("initial", 1), ``"wise:0.2"`` -> ("wise", 0.2).
+
+    WiSE convention: teacher weights = alpha * initial + (1 - alpha) * last, so alpha = 0
+    is the last model and alpha = 1 the initial one (the paper's WiSE(0.2) is closer to
+    the last model than WiSE(0.5)).
+    """
+    s = str(spec).strip().lower()
+    if s == "last":
+        return "last", 0.0
+    if s == "initial":
+        return "initial", 1.0
+    if s.startswith("wise:"):
+        try:
+            alpha = float(s.split(":", 1)[1])
+        except ValueError:
+            alpha = float("nan")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--teacher {spec!r}: ALPHA must be a number in [0, 1] (wise:0.2 = 0.2 * initial + "
+                             f"0.8 * last)")
+        return "wise", alpha
+    raise ValueError(f"unknown teacher {spec!r}: use last, initial or wise:ALPHA (e.g. wise:0.2)")
+
+
+def resolve_method(method: str = "gift", *, cd: Optional[bool] = None, ita: Optional[bool] = None,
+                   awc: Optional[bool] = None, consolidation: Optional[str] = None, distill: str = "contrastive",
+                   teacher: str = "last") -> MethodSpec:
+    """A method's defaults with the switches applied; clear errors for combinations that make no sense.
+
+    ``awc=True`` asks for the adaptive consolidation, ``awc=False`` for none;
+    ``consolidation`` names one of none / uniform / adaptive / static directly (it wins
+    over ``awc``). Tab. 3's rows are ``l2``, ``l2 --cd``, ``l2 --cd --ita``, ``gift``;
+    Tab. 4 uses ``l2 --cd --ita`` with ``--distill`` / ``--teacher``.
+    """
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    d_cd, d_ita, d_cons = METHOD_DEFAULTS[method]
+    if distill not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distillation loss {distill!r}: choose one of {', '.join(DISTILL_LOSSES)}")
+    parse_teacher(teacher)
+    cons = d_cons
+    if awc is not None:
+        cons = "adaptive" if awc else "none"
+    if consolidation is not None:
+        if consolidation not in CONSOLIDATIONS:
+            raise ValueError(f"unknown consolidation {consolidation!r}: choose one of {', '.join(CONSOLIDATIONS)}")
+        cons = consolidation
+    use_cd = d_cd if cd is None else bool(cd)
+    use_ita = d_ita if ita is None else bool(ita)
+    if distill == "feature":
+        if ita:
+            raise ValueError("--distill feature is the feature-distance loss alone (no ITA term): drop --ita")
+        use_ita = False
+    if cons == "adaptive" and not (use_cd or use_ita):
+        raise ValueError("adaptive weight consolidation takes its Fisher from the distillation gradients, but CD and "
+                         "ITA are both off: enable --cd or --ita, or use --consolidation uniform (the L2 baseline)")
+    if cons == "static" and not (use_cd or use_ita):
+        raise ValueError("the static (EWC-V) Fisher is estimated from the distillation loss on synthetic batches: "
+                         "enable --cd or --ita")
+    return MethodSpec(method, use_cd, use_ita, cons, distill, str(teacher).strip().lower())
+
+
+# =============================================================================== config
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (written to ``<out>/config.json``)."""
+    out: str = "runs/gift"
+    # model
+    model: str = "ViT-B-16"
+    pretrained: Optional[str] = "openai"
+    # tasks: an MTIL order (with data_root), a list of MTIL task names, or the toy world
+    order: Optional[int] = 1
+    tasks: Optional[List[str]] = None
+    data_root: Optional[str] = None
+    data_cache: Optional[str] = None
+    toy: bool = False
+    toy_train_size: int = 1000
+    toy_test_size: int = 300
+    # method
+    method: str = "gift"
+    cd: Optional[bool] = None
+    ita: Optional[bool] = None
+    awc: Optional[bool] = None
+    consolidation: Optional[str] = None
+    distill: str = "contrastive"
+    teacher: str = "last"
+    cd_weight: float = 1.0
+    ita_weight: float = 0.25
+    l2: float = 1.0                    # lambda_l2: strength of the (adaptive / uniform / static) consolidation
+    awc_decay: float = 0.0             # running Fisher estimate: F <- decay * F + (1 - decay) * F_new
+    fisher_batches: int = 10           # EWC-V: synthetic batches of the static Fisher
+    temperature: float = 2.0
+    label_smoothing: float = 0.2
+    # synthetic data
+    synth: Optional[str] = None        # a `gift-fast synth` folder, or "on-the-fly"
+    reference_images: Optional[str] = None
+    images_per_task: int = 1000
+    generator: str = "sd"              # on-the-fly generator: sd (Stable Diffusion) | toy
+    sd_model: Optional[str] = None
+    sd_steps: int = 50
+    synth_batch_size: int = 16
+    synth_seed: Optional[int] = None   # default: seed
+    keep_synth: bool = False
+    # optimisation (METHOD.md, "Protocol")
+    steps: int = 1000
+    batch_size: int = 64
+    syn_batch_size: int = 64
+    warmup: int = 100
+    lr: Optional[float] = None         # one learning rate for every task (default: each task's own)
+    # speed
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = False
+    kernels: str = "auto"
+    threads: Optional[int] = None
+    num_workers: int = 4
+    # evaluation and logging
+    eval_batch_size: int = 256
+    log_every: int = 50
+    progress: bool = True
+    # run
+    seed: int = 0
+    resume: bool = False
+    keep_checkpoints: str = "all"      # all | last
+    plots: bool = True
+    label: Optional[str] = None        # name of the run in reports (default: the method's label)
+
+    def method_spec(self) -> MethodSpec:
+        return resolve_method(self.method, cd=self.cd, ita=self.ita, awc=self.awc, consolidation=self.consolidation,
+                              distill=self.distill, teacher=self.teacher)
+
+
+# Fields that do not change a run's numbers (may differ between a run and its resume).
+_RESUME_FREE = {"out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers",
+                "eval_batch_size", "log_every", "keep_checkpoints", "plots", "label", "keep_synth",
+                "synth_batch_size", "data_cache"}
+
+
+def identity_of(cfg: TrainConfig) -> Dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+STREAM_TASK, STREAM_SYN, STREAM_FISHER = 1, 2, 3
+
+
+# =============================================================================== batches
+class TaskBatches:
+    """An endless, seeded stream of ``(images, labels)`` training batches of one task on ``device``.
+
+    Tensor data sets (the toy world) are indexed on the device; cached data sets
+    (``gift_fast.data.cache``) use their uint8 fast path; anything else goes through
+    a seeded DataLoader. Each epoch is a fresh permutation; the last partial batch
+    of an epoch is dropped.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, device: torch.device, num_workers: int = 0):
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("the task has no training data")
+        if len(dataset) < batch_size:
+            raise ValueError(f"the task has {len(dataset)} training images, fewer than one batch ({batch_size}): "
+                             f"lower --batch-size")
+        self.dataset, self.batch_size, self.seed, self.device = dataset, batch_size, seed, device
+        self.num_workers = num_workers
+        self._it = self._make()
+
+    def _perms(self) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        n = len(self.dataset)
+        while True:
+            perm = torch.randperm(n, generator=g)
+            for a in range(0, n - self.batch_size + 1, self.batch_size):
+                yield perm[a:a + self.batch_size]
+
+    def _make(self):
+        tensors = getattr(self.dataset, "tensors", None)
+        if tensors is not None:
+            images, labels = (t.to(self.device) for t in tensors[:2])
+            for idx in self._perms():
+                idx = idx.to(self.device)
+                yield images[idx], labels[idx]
+        elif hasattr(self.dataset, "iter_batches"):
+            yield from self.dataset.iter_batches(self.batch_size, shuffle=True, seed=self.seed, drop_last=True,
+                                                 epochs=None, device=self.device)
+        else:
+            epoch = 0
+            while True:
+                g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch))
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
+                    num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                    persistent_workers=False)
+                for x, y in loader:
+                    yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+                epoch += 1
+
+    def __next__(self):
+        return next(self._it)
+
+    def __iter__(self):
+        return self
+
+    def close(self):
+        self._it.close()
+
+
+def synthetic_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """[steps, batch] indices into a synthetic set of n pairs: epochs of seeded permutations.
+
+    A set smaller than a batch is drawn with replacement.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if n < batch_size:
+        return torch.randint(0, n, (steps, batch_size), generator=g)
+    rows, need = [], steps * batch_size
+    while sum(r.numel() for r in rows) < need:
+        perm = torch.randperm(n, generator=g)
+        rows.append(perm[: n - n % batch_size])
+    return torch.cat(rows)[:need].view(steps, batch_size)
+
+
+def cosine_lr_lambda(warmup: int, steps: int):
+    """The reference's schedule: linear warm-up ((k + 1) / warmup), then a cosine to 0 at ``steps``."""
+    def f(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        e, es = k - warmup, max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(e, es) / es))
+    return f
+
+
+# =============================================================================== teacher
+@torch.no_grad()
+def mix_state(initial: Dict[str, torch.Tensor], last: Dict[str, torch.Tensor], alpha: float) -> Dict[str, torch.Tensor]:
+    """WiSE: ``alpha * initial + (1 - alpha) * last`` for floating tensors (others from ``last``)."""
+    out = {}
+    for k, v in last.items():
+        if v.is_floating_point():
+            out[k] = alpha * initial[k].to(v.device, v.dtype) + (1.0 - alpha) * v
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def embed_distill_set(model, distill_set, tokens: torch.Tensor, *, mean, std, device: torch.device,
+                      bf16: bool = False, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Image embeddings of every pair [N, D] and text embeddings of every distinct prompt [P, D] (float32)."""
+    from gift_fast.evaluate import autocast
+
+    was_training = model.training
+    model.eval()
+    try:
+        imgs, txts = [], []
+        for a in range(0, len(distill_set), batch_size):
+            x = normalize_batch(distill_set.images[a:a + batch_size].to(device), mean, std)
+            with autocast(device, bf16):
+                imgs.append(model.encode_image(x).float())
+        for a in range(0, tokens.shape[0], batch_size):
+            with autocast(device, bf16):
+                txts.append(model.encode_text(tokens[a:a + batch_size].to(device)).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(imgs), torch.cat(txts)
+
+
+def normalize_batch(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x_uint8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x_uint8.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255.0 - m) / s
+
+
+# =============================================================================== run folder
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(path: Path, obj) -> None:
+    from gift_fast.models import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_acc_csv(path: Path, task_names: Sequence[str], zero_shot: Sequence[float],
+                  rows: Sequence[Sequence[float]]) -> None:
+    from gift_fast.models import atomic_write_text
+
+    lines = ["after," + ",".join(task_names), "zero-shot," + ",".join(f"{v:.4f}" for v in zero_shot)]
+    for name, row in zip(task_names, rows):
+        lines.append(f"{name}," + ",".join(f"{v:.4f}" for v in row))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _versions() -> Dict[str, str]:
+    import platform
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("open_clip", "triton"):
+        try:
+            out[pkg] = __import__(pkg).__version__
+        except Exception:
+            pass
+    return out
+
+
+# =============================================================================== the run
+class ContinualTrainer:
+    """One continual run: a model, a task sequence, a method, a run folder.
+
+    ``bundle`` (a ``gift_fast.models.ClipBundle``) and ``tasks`` (``TaskSpec`` list) may
+    be given directly (tests, notebooks); otherwise they are built from ``cfg``.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, tasks=None, bundle=None, generator=None):
+        self.cfg = cfg
+        self.method = cfg.method_spec()
+        if cfg.keep_checkpoints not in ("all", "last"):
+            raise ValueError(f"keep_checkpoints must be 'all' or 'last', got {cfg.keep_checkpoints!r}")
+        if cfg.kernels not in ("torch", "triton", "auto"):
+            raise ValueError(f"--kernels must be torch, triton or auto, got {cfg.kernels!r}")
+        if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.syn_batch_size <= 0:
+            raise ValueError("steps, batch_size and syn_batch_size must be positive")
+        self.device = resolve_device(cfg.device)
+        if cfg.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--bf16 needs a GPU with bfloat16 support")
+        self.out = Path(cfg.out)
+        self._check_synthetic_source()
+        self.bundle = bundle if bundle is not None else load_bundle(cfg, self.device)
+        self.bundle.model.to(self.device)
+        self.tasks = tasks if tasks is not None else build_task_list(cfg, self.bundle)
+        if not self.tasks:
+            raise ValueError("the task sequence is empty")
+        self.generator = generator
+        self.task_names = [t.name for t in self.tasks]
+        if len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task names must be unique, got {self.task_names}")
+        self.model = self.bundle.model
+        self.model.logit_scale.requires_grad_(False)
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
+        self.initial_state = None
+        kind, _ = parse_teacher(self.method.teacher)
+        if kind != "last" and self.method.distills:
+            self.initial_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self.awc = None
+        if self.method.consolidation != "none":
+            from gift_fast.awc import AdaptiveWeightConsolidation
+
+            awc_backend = self.cfg.kernels
+            self.awc = AdaptiveWeightConsolidation(
+                self.model.named_parameters(), strength=cfg.l2, decay=cfg.awc_decay,
+                fisher=self.method.consolidation, exclude=("logit_scale",), backend=awc_backend)
+        if cfg.compile:
+            from gift_fast.step import compile_blocks
+
+            compile_blocks(self.model, dynamic=None)
+        self.log_path = self.out / "log.jsonl"
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_synthetic_source(self) -> None:
+        cfg, m = self.cfg, self.method
+        if not m.needs_synthetic:
+            return
+        if cfg.reference_images:
+            if not os.path.isdir(cfg.reference_images):
+                raise FileNotFoundError(f"--reference-images {cfg.reference_images} is not a folder")
+            return
+        if cfg.synth is None:
+            raise ValueError(f"method {m.label()!r} distills on synthetic data: pass --synth DIR (a `gift-fast synth` "
+                             f"folder), --synth on-the-fly, or --reference-images DIR")
+        if cfg.synth != "on-the-fly" and not os.path.isdir(cfg.synth):
+            raise FileNotFoundError(f"--synth {cfg.synth}: no such folder. Generate it with `gift-fast synth --out "
+                                    f"{cfg.synth} ...` or use --synth on-the-fly")
+        if cfg.synth == "on-the-fly" and cfg.generator not in ("sd", "toy"):
+            raise ValueError(f"--generator must be sd or toy, got {cfg.generator!r}")
+
+    def _synth_seed(self) -> int:
+        return self.cfg.seed if self.cfg.synth_seed is None else self.cfg.synth_seed
+
+    def _get_generator(self):
+        if self.generator is None:
+            if self.cfg.generator == "toy":
+                from gift_fast.data.toy import ToyGenerator
+
+                self.generator = ToyGenerator()
+            else:
+                from gift_fast.synth.generators import DEFAULT_MODEL, StableDiffusionGenerator
+
+                self.generator = StableDiffusionGenerator.from_pretrained(
+                    self.cfg.sd_model or DEFAULT_MODEL, device=self.device, steps=self.cfg.sd_steps)
+        return self.generator
+
+    def _base_classnames(self) -> List[str]:
+        if self.cfg.toy or getattr(self.generator, "name", "") == "toy":
+            from gift_fast.data.toy import BASE_CLASSNAMES
+
+            return list(BASE_CLASSNAMES)
+        from gift_fast.synth.prompts import imagenet_classnames
+
+        return imagenet_classnames()
+
+    def distill_set(self, t: int):
+        """The distillation set of task ``t`` (None when the method does not distill)."""
+        from gift_fast.data.synthetic import load_reference_set, load_synthetic_set
+
+        cfg, task = self.cfg, self.tasks[t]
+        if not self.method.needs_synthetic:
+            return None
+        size = self.bundle.image_size
+        if cfg.reference_images:
+            return load_reference_set(cfg.reference_images, cfg.images_per_task, seed=self._synth_seed(),
+                                      task_index=t, image_size=size, progress=cfg.progress)
+        if cfg.synth == "on-the-fly":
+            from gift_fast.synth.engine import synthesize_task
+            from gift_fast.synth.prompts import build_class_pool, sample_prompts
+
+            gen = self._get_generator()
+            pool = build_class_pool(self._base_classnames(), [x.classnames for x in self.tasks[:t]])
+            prompts = sample_prompts(pool, cfg.images_per_task, seed=self._synth_seed(), task_index=t)
+            root = self.out / "synthetic"
+            fmt = "png" if getattr(gen, "name", "") == "toy" else "jpeg"
+            synthesize_task(gen, task.name, prompts, root, seed=self._synth_seed(), task_index=t,
+                            batch_size=cfg.synth_batch_size, progress=cfg.progress, image_format=fmt,
+                            overwrite=True)
+            return load_synthetic_set(root, task.name, image_size=size, progress=cfg.progress)
+        return load_synthetic_set(cfg.synth, task.name, image_size=size, limit=cfg.images_per_task,
+                                  progress=cfg.progress)
+
+    def _discard_synthetic(self, t: int) -> None:
+        if self.cfg.synth == "on-the-fly" and not self.cfg.keep_synth:
+            shutil.rmtree(self.out / "synthetic" / f"{self.tasks[t].name}_Syn", ignore_errors=True)
+
+    def teacher_embeddings(self, distill_set, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's embeddings of the task's fixed distillation set, computed once per task."""
+        kind, alpha = parse_teacher(self.method.teacher)
+        kw = dict(mean=self.bundle.mean, std=self.bundle.std, device=self.device, bf16=self.cfg.bf16)
+        if kind == "last":
+            return embed_distill_set(self.model, distill_set, tokens, **kw)   # the student, before any step
+        teacher = copy.deepcopy(self.model)
+        state = self.initial_state if kind == "initial" else mix_state(
+            self.initial_state, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, alpha)
+        teacher.load_state_dict(state)
+        try:
+            return embed_distill_set(teacher, distill_set, tokens, **kw)
+        finally:
+            del teacher
+
+    def make_step(self, lr: float):
+        """The task's optimizer, schedule and ``GiftStep`` (gift_fast.step)."""
+        from gift_fast.step import GiftStep, StepConfig
+
+        cfg, m = self.cfg, self.method
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt_kw = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        if self.device.type == "cuda":
+            opt_kw["fused"] = True          # one kernel for all parameters
+        else:
+            opt_kw["foreach"] = True        # fewer, larger ops (the tiny preset is overhead-bound)
+        optimizer = torch.optim.AdamW(params, **opt_kw)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr_lambda(cfg.warmup, cfg.steps))
+        step_cfg = StepConfig(logit_scale=self.logit_scale, label_smoothing=cfg.label_smoothing,
+                              temperature=cfg.temperature, cd_weight=cfg.cd_weight if m.cd else 0.0,
+                              ita_weight=cfg.ita_weight if m.ita else 0.0,
+                              distill=_STEP_DISTILL[m.distill] if m.distills else "none", bf16=cfg.bf16,
+                              kernels=cfg.kernels)
+        return GiftStep(self.model, optimizer, step_cfg, awc=self.awc, scheduler=scheduler), optimizer, scheduler
+
+    # ------------------------------------------------------------------ one task
+    def train_task(self, t: int) -> Dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, task, model = self.cfg, self.tasks[t], self.model
+        torch.manual_seed(_derived_seed(cfg.seed, t, 0))
+        lr = cfg.lr if cfg.lr is not None else task.lr
+        tok = self.bundle.tokenizer
+        class_tokens = tok(task.prompts()).to(self.device)
+        dset = self.distill_set(t)
+        syn = None
+        if dset is not None:
+            syn_tokens = tok(dset.prompts).to(self.device)
+            t_img, t_txt = self.teacher_embeddings(dset, syn_tokens)
+            syn = dict(images=dset.images.to(self.device), labels=dset.labels.to(self.device), tokens=syn_tokens,
+                       t_img=t_img, t_txt=t_txt,
+                       idx=synthetic_indices(len(dset), cfg.syn_batch_size, cfg.steps,
+                                             _derived_seed(cfg.seed, t, STREAM_SYN)).to(self.device))
+        if self.awc is not None:
+            self.awc.set_anchor()          # theta* = the weights at the start of the task (= the last teacher)
+            self.awc.reset_fisher()
+        step, optimizer, _ = self.make_step(lr)
+        if self.method.consolidation == "static":
+            self._static_fisher(step, syn, t)
+        batches = TaskBatches(task.train, cfg.batch_size, _derived_seed(cfg.seed, t, STREAM_TASK), self.device,
+                              cfg.num_workers)
+        model.train()
+        sums: Dict[str, torch.Tensor] = {}
+        n_acc, t_last, k_last = 0, time.perf_counter(), 0
+        t0 = time.perf_counter()
+        bar = tqdm(range(cfg.steps), desc=f"task {t + 1}/{len(self.tasks)} {task.name}", disable=not cfg.progress,
+                   leave=False)
+        try:
+            for k in bar:
+                images, labels = next(batches)
+                if syn is not None:
+                    i = syn["idx"][k]
+                    kk = syn["labels"][i]
+                    out = step(images, labels, class_tokens,
+                               normalize_batch(syn["images"][i], self.bundle.mean, self.bundle.std),
+                               syn["tokens"][kk], kk, syn["t_img"][i], syn["t_txt"][kk])
+                else:
+                    out = step(images, labels, class_tokens)
+                for name, v in out.items():
+                    v = v.detach().float()
+                    sums[name] = sums[name] + v if name in sums else v
+                n_acc += 1
+                if (k + 1) % cfg.log_every == 0 or k + 1 == cfg.steps:
+                    now = time.perf_counter()
+                    rec = self._log_record(t, k, sums, n_acc, optimizer, now - t_last, k + 1 - k_last)
+                    bar.set_postfix({n: f"{v:.3f}" for n, v in rec.items() if n.startswith("loss")})
+                    sums, n_acc, t_last, k_last = {}, 0, now, k + 1
+        finally:
+            batches.close()
+            bar.close()
+        wall = time.perf_counter() - t0
+        self._discard_synthetic(t)
+        return {"task": task.name, "steps": cfg.steps, "lr": lr, "wall_s": wall,
+                "synthetic": None if dset is None else {"pairs": len(dset), "prompts": len(dset.prompts),
+                                                        "dropped_black": dset.dropped_black,
+                                                        "source": dset.source}}
+
+    def _static_fisher(self, step, syn, t: int) -> None:
+        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd."""
+        from gift_fast.step import _autocast, distillation_loss
+
+        idx_all = synthetic_indices(len(syn["images"]), self.cfg.syn_batch_size, self.cfg.fisher_batches,
+                                    _derived_seed(self.cfg.seed, t, STREAM_FISHER)).to(self.device)
+        for i in idx_all:
+            step.zero_grad()
+            kk = syn["labels"][i]
+            with _autocast(step.cfg, self.device):
+                loss = distillation_loss(self.model, normalize_batch(syn["images"][i], self.bundle.mean,
+                                                                     self.bundle.std),
+                                         syn["tokens"][kk], kk, syn["t_img"][i], syn["t_txt"][kk], step.cfg)
+            loss.backward()
+            self.awc.update_fisher()
+        step.zero_grad()
+
+    def _log_record(self, t, k, sums, n, optimizer, dt, dk) -> Dict[str, Any]:
+        vals = {name: float(v) / n for name, v in sums.items()}     # the one host sync per logging step
+        bad = {name: v for name, v in vals.items() if not math.isfinite(v)}
+        if bad:
+            raise FloatingPointError(
+                f"non-finite loss in task {t + 1} ({self.tasks[t].name}) before step {k + 1}: {bad}. "
+                f"Lower the learning rate (--lr) or check the data; with --bf16, try without it")
+        per_step = self.cfg.batch_size + (self.cfg.syn_batch_size if self.method.distills else 0)
+        rec = {"task": self.tasks[t].name, "task_index": t, "step": k + 1,
+               "lr": optimizer.param_groups[0]["lr"], **vals,
+               "steps_per_s": dk / dt if dt > 0 else None,
+               "images_per_s": dk * per_step / dt if dt > 0 else None, "time": time.time()}
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    # ------------------------------------------------------------------ evaluation and state
+    def evaluate_all(self) -> List[float]:
+        from gift_fast.evaluate import evaluate_tasks
+
+        return evaluate_tasks(self.model, self.bundle.tokenizer, self.tasks, device=self.device, bf16=self.cfg.bf16,
+                              batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
+                              progress=self.cfg.progress)
+
+    def checkpoint_path(self, t: int) -> Path:
+        return self.out / "checkpoints" / f"task_{t + 1:02d}_{self.tasks[t].name}.safetensors"
+
+    def _state_path(self) -> Path:
+        return self.out / "state.json"
+
+    def _save_task(self, t: int, state: Dict[str, Any], info: Dict[str, Any]) -> None:
+        from gift_fast.models import save_model
+
+        path = self.checkpoint_path(t)
+        save_model(self.model, path, metadata={
+            "model": self.bundle.model_name, "task_index": t, "task": self.tasks[t].name, "finished": True,
+            "step": self.cfg.steps, "identity": hashlib.sha256(json.dumps(identity_of(self.cfg), sort_keys=True,
+                                                                         default=str).encode()).hexdigest()})
+        state["finished"] = t + 1
+        state["checkpoints"].append(str(path.relative_to(self.out)))
+        state["tasks_info"].append(info)
+        write_json(self._state_path(), state)
+        if self.cfg.keep_checkpoints == "last":
+            for rel in state["checkpoints"][:-1]:
+                (self.out / rel).unlink(missing_ok=True)
+
+    def _load_state(self) -> Optional[Dict[str, Any]]:
+        p = self._state_path()
+        if not p.is_file():
+            return None
+        with open(p) as fh:
+            return json.load(fh)
+
+    def _check_resumable(self, state: Dict[str, Any]) -> None:
+        old = state.get("identity", {})
+        new = json.loads(json.dumps(identity_of(self.cfg), default=str))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(f"cannot resume {self.out}: the run was started with other settings "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}). "
+                             f"Resume with the same options, or choose another --out")
+        if state.get("tasks") != self.task_names:
+            raise ValueError(f"cannot resume {self.out}: its tasks were {state.get('tasks')}, now {self.task_names}")
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self) -> Dict[str, Any]:
+        from gift_fast.metrics import continual_metrics
+
+        cfg = self.cfg
+        state = self._load_state()
+        if state is not None and not cfg.resume:
+            raise FileExistsError(
+                f"{self.out} already holds a run ({state.get('finished', 0)} of {len(state.get('tasks', []))} tasks "
+                f"finished): pass --resume to continue it, or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            self._check_resumable(state)
+            if state["finished"] > 0:
+                from gift_fast.models import load_weights
+
+                load_weights(self.model, self.out / state["checkpoints"][-1])
+            self._note(f"resuming {self.out} after task {state['finished']} of {len(self.tasks)}")
+        else:
+            if self.log_path.exists():
+                self.log_path.unlink()
+            self.log_path.touch()
+            write_json(self.out / "config.json", {
+                "config": dataclasses.asdict(cfg), "method": dataclasses.asdict(self.method),
+                "label": cfg.label or self.method.label(), "tasks": self.task_names,
+                "task_lrs": [cfg.lr if cfg.lr is not None else t.lr for t in self.tasks],
+                "model": {"name": self.bundle.model_name, "pretrained": self.bundle.pretrained,
+                          "logit_scale": self.logit_scale, "image_size": self.bundle.image_size},
+                "device": str(self.device), "versions": _versions()})
+            zero_shot = self.evaluate_all()
+            state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
+                     "finished": 0, "checkpoints": [], "tasks_info": []}
+            write_json(self._state_path(), state)
+            self._write_results(state)
+        for t in range(state["finished"], len(self.tasks)):
+            info = self.train_task(t)
+            row = self.evaluate_all()
+            state["acc"].append(row)
+            info["acc"] = row
+            self._save_task(t, state, info)
+            self._write_results(state)
+            self._note(f"task {t + 1}/{len(self.tasks)} {self.tasks[t].name}: " +
+                       " ".join(f"{n}={a:.1f}" for n, a in zip(self.task_names, row)))
+        metrics = self._write_results(state)
+        if cfg.plots:
+            from gift_fast.report import plot_run
+
+            try:
+                plot_run(self.out)
+            except Exception as e:   # a plotting problem must not cost a finished run
+                self._note(f"plots skipped: {type(e).__name__}: {e}")
+        return metrics
+
+    def _write_results(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        from gift_fast.metrics import continual_metrics
+
+        write_acc_csv(self.out / "acc_matrix.csv", self.task_names, state["zero_shot"], state["acc"])
+        if len(state["acc"]) < len(self.tasks):
+            return None
+        metrics = continual_metrics(state["acc"])
+        zs = state["zero_shot"]
+        metrics["zero_shot"] = continual_metrics([zs] * len(zs))
+        metrics["tasks"] = self.task_names
+        metrics["label"] = self.cfg.label or self.method.label()
+        write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+    def _note(self, msg: str) -> None:
+        if self.cfg.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+
+# =============================================================================== builders
+def resolve_device(device: str) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return d
+
+
+def load_bundle(cfg: TrainConfig, device: torch.device):
+    from gift_fast.models import create_clip
+
+    return create_clip(cfg.model, cfg.pretrained, device=device)
+
+
+def build_task_list(cfg: TrainConfig, bundle) -> list:
+    """The TaskSpecs of the run: the toy world's (``cfg.toy`` or toy task names) or MTIL's."""
+    from gift_fast.data.toy import DEFAULT_TOY_ORDER, TOY_TASKS, toy_tasks
+
+    if cfg.toy or (cfg.tasks and all(n in TOY_TASKS for n in cfg.tasks)):
+
+        names = cfg.tasks or list(DEFAULT_TOY_ORDER)
+        return toy_tasks(names, train_size=cfg.toy_train_size, test_size=cfg.toy_test_size, seed=0,
+                         lr=cfg.lr if cfg.lr is not None else 1e-3)
+    from gift_fast.config import task_order
+
+    if cfg.tasks:
+        from gift_fast.config import MTIL_TASKS
+
+        unknown = [n for n in cfg.tasks if n not in MTIL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; MTIL tasks: {', '.join(MTIL_TASKS)}; toy tasks: "
+                             f"{', '.join(TOY_TASKS)}")
+        names = list(cfg.tasks)
+    else:
+        names = task_order(cfg.order)
+    if not cfg.data_root:
+        raise ValueError("the MTIL tasks need --data-root DIR (see `gift-fast data check`), or use --preset tiny")
+    from gift_fast.data.mtil import build_tasks
+
+    return build_tasks(names, cfg.data_root, image_size=bundle.image_size, mean=bundle.mean, std=bundle.std,
+                       cache_dir=cfg.data_cache, progress=cfg.progress)
+
+
+def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:
+    """Run (or resume) one continual run; returns its metrics (see ``gift_fast.metrics``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return ContinualTrainer(cfg, **kw).run()
+
+
+# =============================================================================== presets and several runs
+# The tiny preset: the toy world (gift_fast.data.toy) on a CPU, GIFT against continual
+# fine-tuning over three seeds. Hyper-parameters are the paper's except where the toy
+# scale needs its own (a tiny model learns at 1e-3, not 1e-5; 150 steps per task, 15 of
+# them warm-up as the paper's 100 of 1,000; batches of 32; 200 synthetic images per task).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(model="toy-vit", pretrained="toy", toy=True, order=None, steps=150, batch_size=32,
+                 syn_batch_size=32, images_per_task=200, warmup=15, lr=1e-3, synth="on-the-fly", generator="toy",
+                 eval_batch_size=500, log_every=50, device="cpu", threads=1, num_workers=0, toy_train_size=1000,
+                 toy_test_size=300),
+}
+PRESET_RUNS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(methods=("gift", "finetune"), seeds=(0, 1, 2), jobs=None),   # jobs None: min(2, CPUs)
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """The TrainConfig of a preset with ``overrides`` applied (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = [k for k in overrides if k not in fields]
+    if bad:
+        raise ValueError(f"unknown TrainConfig fields {bad}")
+    kw = dict(PRESETS[name])
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**kw)
+
+
+def plan_runs(base: TrainConfig, methods: Sequence[str], seeds: Sequence[int]) -> List[TrainConfig]:
+    """One config per (method, seed); with more than one run each gets ``<out>/<method>-seed<k>``."""
+    methods, seeds = list(methods), list(seeds)
+    if not methods or not seeds:
+        raise ValueError("give at least one method and one seed")
+    for m in methods:
+        if m not in METHOD_DEFAULTS:
+            raise ValueError(f"unknown method {m!r}: choose one of {', '.join(METHODS)}")
+    if len(methods) * len(seeds) == 1:
+        return [dataclasses.replace(base, method=methods[0], seed=seeds[0])]
+    return [dataclasses.replace(base, method=m, seed=k, out=str(Path(base.out) / f"{m}-seed{k}"))
+            for m in methods for k in seeds]
+
+
+def _run_config(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """Entry point of a worker process (spawned): one run, metrics back."""
+    return train(TrainConfig(**cfg_dict))
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    p = Path(cfg.out) / "metrics.json"
+    return p.is_file()
+
+
+def run_many(cfgs: Sequence[TrainConfig], jobs: int = 1, progress: bool = True) -> List[Dict[str, Any]]:
+    """Run several configs, ``jobs`` at a time in worker processes (1: in this process, in order).
+
+    Runs already finished in their folder are skipped when ``resume`` is set. Shared
+    inputs are prepared first (the toy CLIP's pre-training), so workers never race
+    to build them.
+    """
+    from tqdm.auto import tqdm
+
+    todo, results = [], [None] * len(cfgs)
+    for i, c in enumerate(cfgs):
+        if c.resume and _finished(c):
+            with open(Path(c.out) / "metrics.json") as fh:
+                results[i] = json.load(fh)
+        else:
+            todo.append(i)
+    if any(cfgs[i].toy and cfgs[i].pretrained == "toy" for i in todo):
+        from gift_fast.data.toy import pretrained_toy_clip_path
+
+        pretrained_toy_clip_path(cfgs[todo[0]].model, progress=progress)
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            results[i] = train(cfgs[i])
+            _say(cfgs[i], results[i], progress)
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(_run_config, dataclasses.asdict(dataclasses.replace(cfgs[i], progress=False))): i
+                for i in todo}
+        bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", disable=not progress)
+        for f in as_completed(futs):
+            i = futs[f]
+            results[i] = f.result()
+            bar.update(1)
+            _say(cfgs[i], results[i], progress, bar)
+        bar.close()
+    return results
+
+
+def _say(cfg: TrainConfig, metrics: Dict[str, Any], progress: bool, bar=None) -> None:
+    if not progress:
+        return
+    msg = (f"{cfg.out}: Transfer {metrics['transfer']:.1f}  Avg {metrics['avg']:.1f}  Last {metrics['last']:.1f}"
+           if metrics.get("transfer") is not None else f"{cfg.out}: Avg {metrics['avg']:.1f}  Last {metrics['last']:.1f}")
+    (bar.write if bar is not None else (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+
+
+__all__ = ["TrainConfig", "MethodSpec", "resolve_method", "parse_teacher", "ContinualTrainer", "train",
+           "PRESETS", "PRESET_RUNS", "preset_config", "plan_runs", "run_many",
+           "cosine_lr_lambda", "synthetic_indices", "TaskBatches", "embed_distill_set", "mix_state", "METHODS"]
