@@ -77,7 +77,8 @@ def _seeds(value):
 @click.option("--synth-seed", type=int, default=None, help="Seed of prompts and images (default: --seeds).")
 @click.option("--keep-synth", is_flag=True, default=None, help="Keep on-the-fly images in <out>/synthetic.")
 # optimisation
-@click.option("--steps", type=int, default=None, help="Iterations per task (default 1000).")
+@click.option("--steps", type=int, default=None, help="Iterations per task (default 1000). With a class-incremental "
+              "--benchmark: the number of incremental steps (cifar100-cil 10|20|50, tinyimagenet-cil 5|10|20).")
 @click.option("--batch-size", type=int, default=None, help="Task images per step (default 64).")
 @click.option("--syn-batch-size", type=int, default=None, help="Synthetic pairs per step (default 64).")
 @click.option("--warmup", type=int, default=None, help="Warm-up steps of the cosine schedule (default 100).")
@@ -97,10 +98,21 @@ def _seeds(value):
 @click.option("--seeds", default=None, help="Seeds, comma-separated (default 0; the tiny preset 0,1,2).")
 @click.option("--jobs", type=int, default=None, help="Runs at a time, in worker processes (CPU presets).")
 @click.option("--keep-checkpoints", type=click.Choice(["all", "last"]), default=None)
+@click.option("--checkpoint-every", type=int, default=None, help="Also checkpoint every K steps inside a task "
+              "(model, optimizer, schedule, AWC, RNG), so --resume continues mid-task. Default 0: only after tasks.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--label", default=None, help="Name of the run(s) in reports.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, **opts):
+# --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
+@click.option("--benchmark", type=click.Choice(["mtil", "cifar100-cil", "tinyimagenet-cil"]), default=None,
+              help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --steps N.")
+@click.option("--class-order", default=None, help="Class-incremental class order: seed:N (default seed:1993), "
+              "icarl (CIFAR100's fixed iCaRL order) or natural.")
+@click.option("--iterations", type=int, default=None, help="Class-incremental: iterations per step (default: one "
+              "epoch of the step's training images).")
+# --- end class-incremental ---
+def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, benchmark, class_order, iterations,
+          **opts):
     """Continual training of CLIP on a task sequence with GIFT (or a baseline), evaluation after every task.
 
     \b
@@ -113,6 +125,27 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, *
     from gift_fast.train import PRESET_RUNS, TrainConfig, plan_runs, preset_config, run_many
 
     opts["compile"] = compile_
+    # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
+    if benchmark not in (None, "mtil"):
+        if preset:
+            raise click.UsageError(f"--preset {preset} and --benchmark {benchmark} do not go together")
+        from gift_fast.cil import run_cil_command
+
+        cil_opts = {k: v for k, v in opts.items() if v is not None}
+        for k in ("pretrained", "data_cache"):
+            if str(cil_opts.get(k, "")).lower() == "none":
+                cil_opts[k] = None
+        try:
+            text = run_cil_command(benchmark, cil_opts, out=out, resume=resume, methods=_csv(method),
+                                   seeds=_seeds(seeds), plots=not no_plots, progress=not quiet,
+                                   class_order=class_order, iterations=iterations)
+        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(text)
+        return
+    if class_order is not None or iterations is not None:
+        raise click.UsageError("--class-order and --iterations are options of a class-incremental --benchmark")
+    # --- end class-incremental ---
     none_pretrained = (opts.get("pretrained") or "").lower() == "none"
     none_cache = (opts.get("data_cache") or "").lower() == "none"
     opts = {k: v for k, v in opts.items() if v is not None}

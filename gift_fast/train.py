@@ -215,6 +215,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     keep_checkpoints: str = "all"      # all | last
+    checkpoint_every: int = 0          # in-task checkpoint every K steps (0: only at the end of each task)
     plots: bool = True
     label: Optional[str] = None        # name of the run in reports (default: the method's label)
 
@@ -226,7 +227,7 @@ class TrainConfig:
 # Fields that do not change a run's numbers (may differ between a run and its resume).
 _RESUME_FREE = {"out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers",
                 "eval_batch_size", "log_every", "keep_checkpoints", "plots", "label", "keep_synth",
-                "synth_batch_size", "data_cache"}
+                "synth_batch_size", "data_cache", "checkpoint_every"}
 
 
 def identity_of(cfg: TrainConfig) -> Dict[str, Any]:
@@ -250,7 +251,8 @@ class TaskBatches:
     of an epoch is dropped.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, device: torch.device, num_workers: int = 0):
+    def __init__(self, dataset, batch_size: int, seed: int, device: torch.device, num_workers: int = 0,
+                 start: int = 0):
         if dataset is None or len(dataset) == 0:
             raise ValueError("the task has no training data")
         if len(dataset) < batch_size:
@@ -258,14 +260,24 @@ class TaskBatches:
                              f"lower --batch-size")
         self.dataset, self.batch_size, self.seed, self.device = dataset, batch_size, seed, device
         self.num_workers = num_workers
+        # The stream is a function of (seed, batch index) only: a run resumed at step k skips k batches
+        # (index-only for tensor data sets; the other paths draw and drop them) and sees the same batches.
+        self.start = int(start)
         self._it = self._make()
+        if getattr(dataset, "tensors", None) is None:
+            for _ in range(self.start):
+                next(self._it)
 
     def _perms(self) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed)
         n = len(self.dataset)
+        skip = self.start
         while True:
             perm = torch.randperm(n, generator=g)
             for a in range(0, n - self.batch_size + 1, self.batch_size):
+                if skip > 0:
+                    skip -= 1
+                    continue
                 yield perm[a:a + self.batch_size]
 
     def _make(self):
@@ -430,6 +442,7 @@ class ContinualTrainer:
         self.tasks = tasks if tasks is not None else build_task_list(cfg, self.bundle)
         if not self.tasks:
             raise ValueError("the task sequence is empty")
+        self._check_synthetic_folders()
         self.generator = generator
         self.task_names = [t.name for t in self.tasks]
         if len(set(self.task_names)) != len(self.task_names):
@@ -472,6 +485,18 @@ class ContinualTrainer:
                                     f"{cfg.synth} ...` or use --synth on-the-fly")
         if cfg.synth == "on-the-fly" and cfg.generator not in ("sd", "toy"):
             raise ValueError(f"--generator must be sd or toy, got {cfg.generator!r}")
+
+    def _check_synthetic_folders(self) -> None:
+        """Every task's folder must be there before the first step (not hours later, at task 7)."""
+        cfg = self.cfg
+        if not self.method.needs_synthetic or cfg.reference_images or cfg.synth in (None, "on-the-fly"):
+            return
+        missing = [t.name for t in self.tasks
+                   if not (Path(cfg.synth) / f"{t.name}_Syn" / "image_text.csv").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"no synthetic folder for task(s) {missing} under {cfg.synth} (expected <Task>_Syn/image_text.csv): "
+                f"generate them with `gift-fast synth --out {cfg.synth} ...`, or train with --synth on-the-fly")
 
     def _synth_seed(self) -> int:
         return self.cfg.seed if self.cfg.synth_seed is None else self.cfg.synth_seed
@@ -585,17 +610,20 @@ class ContinualTrainer:
         if self.awc is not None:
             self.awc.set_anchor()          # theta* = the weights at the start of the task (= the last teacher)
             self.awc.reset_fisher()
-        step, optimizer, _ = self.make_step(lr)
-        if self.method.consolidation == "static":
+        step, optimizer, scheduler = self.make_step(lr)
+        # in-task resume: the model, optimizer, schedule, AWC and RNG state after step k0 of this task
+        k0 = self._load_in_task(t, optimizer, scheduler)
+        if self.method.consolidation == "static" and k0 == 0:
             self._static_fisher(step, syn, t)
         batches = TaskBatches(task.train, cfg.batch_size, _derived_seed(cfg.seed, t, STREAM_TASK), self.device,
-                              cfg.num_workers)
+                              cfg.num_workers, start=k0)
         model.train()
         sums: Dict[str, torch.Tensor] = {}
         n_acc, t_last, k_last = 0, time.perf_counter(), 0
         t0 = time.perf_counter()
-        bar = tqdm(range(cfg.steps), desc=f"task {t + 1}/{len(self.tasks)} {task.name}", disable=not cfg.progress,
-                   leave=False)
+        bar = tqdm(range(k0, cfg.steps), desc=f"task {t + 1}/{len(self.tasks)} {task.name}",
+                   disable=not cfg.progress, leave=False, initial=k0, total=cfg.steps)
+        n_acc, k_last = 0, k0
         try:
             for k in bar:
                 images, labels = next(batches)
@@ -616,6 +644,8 @@ class ContinualTrainer:
                     rec = self._log_record(t, k, sums, n_acc, optimizer, now - t_last, k + 1 - k_last)
                     bar.set_postfix({n: f"{v:.3f}" for n, v in rec.items() if n.startswith("loss")})
                     sums, n_acc, t_last, k_last = {}, 0, now, k + 1
+                if cfg.checkpoint_every > 0 and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.steps:
+                    self._save_in_task(t, k + 1, optimizer, scheduler)
         finally:
             batches.close()
             bar.close()
@@ -689,6 +719,106 @@ class ContinualTrainer:
             for rel in state["checkpoints"][:-1]:
                 (self.out / rel).unlink(missing_ok=True)
 
+    # ---- in-task checkpoints (--checkpoint-every K) --------------------------------------------
+    # Files: checkpoints/in_task_<task>_<step>.safetensors (model.* and awc.* tensors) and .pt
+    # (optimizer, schedule, RNG; torch.save of plain containers, loaded with weights_only=True),
+    # then checkpoints/in_task.json, written last and atomically, names the pair: a kill at any
+    # moment leaves either the previous complete pair or the new one. The teacher embeddings and
+    # the anchor are not stored: they are recomputed from the task's starting weights (the last
+    # finished task's checkpoint), exactly as the uninterrupted run computed them.
+    def _in_task_pointer(self) -> Path:
+        return self.out / "checkpoints" / "in_task.json"
+
+    def _save_in_task(self, t: int, k: int, optimizer, scheduler) -> None:
+        from gift_fast.models import atomic_save_safetensors, state_dict_fp32
+
+        ckdir = self.out / "checkpoints"
+        ckdir.mkdir(parents=True, exist_ok=True)
+        stem = f"in_task_{t + 1:02d}_step{k:06d}"
+        tensors = {f"model.{n}": v.detach().to("cpu").clone() for n, v in state_dict_fp32(self.model).items()}
+        if self.awc is not None:
+            tensors.update({f"awc.{n}": v.detach().to("cpu").clone() for n, v in self.awc.state_dict().items()})
+        atomic_save_safetensors(tensors, ckdir / f"{stem}.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rest = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                "task_index": t, "step": k}
+        tmp = ckdir / f"{stem}.pt.tmp{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            torch.save(rest, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, ckdir / f"{stem}.pt")
+        old = self._read_in_task_pointer()
+        write_json(self._in_task_pointer(), {"task_index": t, "task": self.tasks[t].name, "step": k, "stem": stem})
+        if old is not None and old.get("stem") != stem:
+            for ext in (".safetensors", ".pt"):
+                (ckdir / f"{old['stem']}{ext}").unlink(missing_ok=True)
+
+    def _read_in_task_pointer(self) -> Optional[Dict[str, Any]]:
+        p = self._in_task_pointer()
+        if not p.is_file():
+            return None
+        with open(p) as fh:
+            return json.load(fh)
+
+    def _load_in_task(self, t: int, optimizer, scheduler) -> int:
+        """Restore the in-task checkpoint of task ``t`` if ``--resume`` found one; the step to start at."""
+        if not self.cfg.resume:
+            return 0
+        ptr = self._read_in_task_pointer()
+        if ptr is None or ptr.get("task_index") != t or ptr.get("task") != self.tasks[t].name:
+            self._trim_log(t, 0)          # the task starts over: drop what a killed attempt logged
+            return 0
+        from safetensors.torch import load_file
+
+        from gift_fast.models import load_weights
+
+        k = int(ptr["step"])
+        if not 0 < k < self.cfg.steps:
+            raise ValueError(f"cannot resume {self.out}: its in-task checkpoint is at step {k} of task {t + 1}, "
+                             f"but a task now has {self.cfg.steps} steps")
+        ckdir = self.out / "checkpoints"
+        tensors = load_file(str(ckdir / f"{ptr['stem']}.safetensors"))
+        load_weights(self.model, {n[len("model."):]: v for n, v in tensors.items() if n.startswith("model.")})
+        if self.awc is not None:
+            self.awc.load_state_dict({n[len("awc."):]: v for n, v in tensors.items() if n.startswith("awc.")})
+        rest = torch.load(ckdir / f"{ptr['stem']}.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(rest["optimizer"])
+        scheduler.load_state_dict(rest["scheduler"])
+        torch.set_rng_state(rest["rng"]["cpu"])
+        if "cuda" in rest["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rest["rng"]["cuda"], self.device)
+        self._trim_log(t, k)
+        self._note(f"resuming task {t + 1} ({self.tasks[t].name}) after step {k} of {self.cfg.steps}")
+        return k
+
+    def _trim_log(self, t: int, k: int) -> None:
+        """Drop log records written after the checkpoint (the resumed run writes them again)."""
+        if not self.log_path.is_file():
+            return
+        from gift_fast.models import atomic_write_text
+
+        keep = []
+        with open(self.log_path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:      # a line cut by the kill
+                    continue
+                if rec.get("task_index", -1) > t or (rec.get("task_index") == t and rec.get("step", 0) > k):
+                    continue
+                keep.append(line if line.endswith("\n") else line + "\n")
+        atomic_write_text(self.log_path, "".join(keep))
+
+    def _clear_in_task(self) -> None:
+        """Remove the in-task checkpoint once its task is finished (the task checkpoint supersedes it)."""
+        self._in_task_pointer().unlink(missing_ok=True)
+        for f in (self.out / "checkpoints").glob("in_task_*"):
+            f.unlink(missing_ok=True)
+    # ---- end of in-task checkpoints --------------------------------------------------------------
+
     def _load_state(self) -> Optional[Dict[str, Any]]:
         p = self._state_path()
         if not p.is_file():
@@ -747,6 +877,7 @@ class ContinualTrainer:
             state["acc"].append(row)
             info["acc"] = row
             self._save_task(t, state, info)
+            self._clear_in_task()
             self._write_results(state)
             self._note(f"task {t + 1}/{len(self.tasks)} {self.tasks[t].name}: " +
                        " ".join(f"{n}={a:.1f}" for n, a in zip(self.task_names, row)))
