@@ -35,6 +35,13 @@ TINY_MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
         text_cfg=dict(context_length=16, width=64, heads=2, layers=2, mlp_ratio=2.0),
         image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
     ),
+    # for unit tests: the same inputs, a fraction of the compute
+    "toy-vit-test": dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16, mlp_ratio=2.0),
+        text_cfg=dict(context_length=16, width=32, heads=2, layers=1, mlp_ratio=2.0),
+        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+    ),
 }
 
 

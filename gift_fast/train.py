@@ -979,7 +979,7 @@ PRESET_RUNS: Dict[str, Dict[str, Any]] = {
 
 
 def preset_config(name: str, **overrides) -> TrainConfig:
-    """The TrainConfig of a preset with ``overrides`` applied (None values are ignored)."""
+    """The TrainConfig of a preset with ``overrides`` applied (a None value sets None, e.g. pretrained=None)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -987,7 +987,7 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     if bad:
         raise ValueError(f"unknown TrainConfig fields {bad}")
     kw = dict(PRESETS[name])
-    kw.update({k: v for k, v in overrides.items() if v is not None})
+    kw.update(overrides)
     return TrainConfig(**kw)
 
 
