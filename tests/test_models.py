@@ -58,14 +58,14 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
 
 def test_open_clip_path_loads_a_local_safetensors_and_rejects_a_wrong_one(tmp_path):
     torch.manual_seed(0)
-    ref = create_clip("ViT-B-32", None)          # real open_clip architecture, random weights
-    path = atomic_save_safetensors(ref.model.state_dict(), tmp_path / "b32.safetensors")
-    got = create_clip("ViT-B-32", str(path))
+    ref = create_clip("ViT-S-32-alt", None)          # real open_clip architecture, random weights
+    path = atomic_save_safetensors(ref.model.state_dict(), tmp_path / "s32.safetensors")
+    got = create_clip("ViT-S-32-alt", str(path))
     assert torch.equal(got.model.visual.conv1.weight, ref.model.visual.conv1.weight)
     assert got.image_size == 224 and got.tokenize(["a cat"]).shape == (1, 77)
     tiny = save_model(create_clip("toy-vit-test", None).model, tmp_path / "tiny.safetensors")
     with pytest.raises(ValueError, match="does not fit this model's architecture"):
-        create_clip("ViT-B-32", str(tiny))
+        create_clip("ViT-S-32-alt", str(tiny))
 
 
 def test_missing_checkpoint_and_unknown_model_are_clear_errors(tmp_path):

@@ -442,6 +442,17 @@ def _match_matrix(parts: Sequence[Tuple[str, ...]], scenes: Sequence[Scene]) -> 
 
 def pretrain_toy_clip(cfg: ToyPretrainConfig = ToyPretrainConfig(), *, progress: bool = True):
     """Pre-train the tiny CLIP; returns the model (float32, CPU)."""
+    threads = torch.get_num_threads()
+    # One thread: a model this small gains little from two, and OpenMP threads that spin while
+    # another process holds the cores slow it down tenfold.
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(cfg: ToyPretrainConfig, progress: bool):
     import math
 
     import torch.nn.functional as F
