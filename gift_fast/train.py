@@ -560,14 +560,16 @@ class ContinualTrainer:
         kw = dict(mean=self.bundle.mean, std=self.bundle.std, device=self.device, bf16=self.cfg.bf16)
         if kind == "last":
             return embed_distill_set(self.model, distill_set, tokens, **kw)   # the student, before any step
-        teacher = copy.deepcopy(self.model)
-        state = self.initial_state if kind == "initial" else mix_state(
-            self.initial_state, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, alpha)
-        teacher.load_state_dict(state)
+        # Another teacher: load its weights into the model for the embedding pass, then put the
+        # student's back (in place, so compiled blocks and AWC's flat parameter buffers stay valid).
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        initial = {k: v.to(current[k].device) for k, v in self.initial_state.items()}
+        state = initial if kind == "initial" else mix_state(initial, current, alpha)
         try:
-            return embed_distill_set(teacher, distill_set, tokens, **kw)
+            self.model.load_state_dict(state)
+            return embed_distill_set(self.model, distill_set, tokens, **kw)
         finally:
-            del teacher
+            self.model.load_state_dict(current)
 
     def make_step(self, lr: float):
         """The task's optimizer, schedule and ``GiftStep`` (gift_fast.step)."""
@@ -923,6 +925,10 @@ def resolve_device(device: str) -> torch.device:
 def load_bundle(cfg: TrainConfig, device: torch.device):
     from gift_fast.models import create_clip
 
+    if cfg.pretrained is None:           # random weights: a function of the seed, so a resume rebuilds them
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(cfg.seed, 0x494E4954))
+            return create_clip(cfg.model, None, device=device)
     return create_clip(cfg.model, cfg.pretrained, device=device)
 
 
