@@ -570,10 +570,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "mtil_metadata.py"))
     a = p.parse_args(argv)
     text = generate_metadata(a.clip_benchmark, a.mmpretrain)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, a.out)
+    from gift_fast.models import atomic_write_text
+    atomic_write_text(a.out, text)
     print(f"wrote {a.out}")
 
 
