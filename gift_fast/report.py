@@ -87,7 +87,9 @@ class Group:
         return self.runs[0].tasks
 
     def stat(self, fn) -> "tuple[float, float]":
-        vals = np.array([fn(r) for r in self.runs], dtype=np.float64)
+        """Mean and sample standard deviation over the seeds (NaN for a metric that does not exist,
+        such as Transfer of a one-task sequence)."""
+        vals = np.array([np.nan if fn(r) is None else fn(r) for r in self.runs], dtype=np.float64)
         return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
 
 
@@ -104,7 +106,9 @@ def group_runs(runs: Sequence[RunResult], by_seed: bool = True) -> List[Group]:
     return list(groups.values())
 
 
-def _fmt(mean: float, std: float, n: int) -> str:
+def _fmt(mean: Optional[float], std: float, n: int) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "-"
     return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {std:.1f}"
 
 
@@ -118,7 +122,8 @@ def summary_table(groups: Sequence[Group]) -> str:
             continue
         seen_zs.add(key)
         zs = [r.zero_shot_metrics() for r in g.runs]
-        cells = [_fmt(float(np.mean([z[m] for z in zs])), 0.0, 1) for m in ("transfer", "avg", "last")]
+        cells = [_fmt(None if zs[0][m] is None else float(np.mean([z[m] for z in zs])), 0.0, 1)
+                 for m in ("transfer", "avg", "last")]
         lines.append(f"| Zero-shot ({len(g.tasks)} tasks) | | " + " | ".join(cells) + " |")
     for g in groups:
         n = len(g.runs)
@@ -135,8 +140,9 @@ def per_task_table(groups: Sequence[Group], metric: str) -> str:
     zs_row = []
     for j in range(len(tasks)):
         zs_row.append(f"{np.mean([r.zero_shot[j] for r in g0.runs]):.1f}" if (metric != "transfer" or j > 0) else "")
-    zavg = np.mean([r.zero_shot_metrics()[metric] for r in g0.runs])
-    lines.append("| Zero-shot | " + " | ".join(zs_row) + f" | {zavg:.1f} |")
+    zvals = [r.zero_shot_metrics()[metric] for r in g0.runs]
+    zavg = _fmt(None if zvals[0] is None else float(np.mean(zvals)), 0.0, 1)
+    lines.append("| Zero-shot | " + " | ".join(zs_row) + f" | {zavg} |")
     for g in groups:
         if g.tasks != tasks:
             continue
