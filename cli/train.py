@@ -5,7 +5,6 @@ torch and the rest are imported inside the commands so ``gift-fast --help`` stay
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 

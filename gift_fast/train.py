@@ -24,7 +24,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -33,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -841,8 +840,6 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> Dict[str, Any]:
-        from gift_fast.metrics import continual_metrics
-
         cfg = self.cfg
         state = self._load_state()
         if state is not None and not cfg.resume:

@@ -32,6 +32,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -501,9 +502,7 @@ def _pretrain(cfg: ToyPretrainConfig, progress: bool):
     return model
 
 
-def cache_root() -> "Path":
-    from pathlib import Path
-
+def cache_root() -> Path:
     return Path(os.environ.get("GIFT_FAST_CACHE") or Path.home() / ".cache" / "gift_fast")
 
 
@@ -521,7 +520,7 @@ def pretrain_key(cfg: ToyPretrainConfig) -> str:
 
 
 def pretrained_toy_clip_path(model_name: str = "toy-vit", cfg: Optional[ToyPretrainConfig] = None,
-                             progress: bool = True) -> "Path":
+                             progress: bool = True) -> Path:
     """The cached pre-trained tiny CLIP (pre-trained now if absent; atomic write).
 
     Under ``$GIFT_FAST_CACHE`` (default ``~/.cache/gift_fast``)``/toy/<model>-<key>.safetensors``;
