@@ -960,9 +960,13 @@ def build_task_list(cfg: TrainConfig, bundle) -> list:
 
 def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:
     """Run (or resume) one continual run; returns its metrics (see ``gift_fast.metrics``)."""
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return ContinualTrainer(cfg, **kw).run()
+    try:
+        return ContinualTrainer(cfg, **kw).run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # =============================================================================== presets and several runs
