@@ -32,8 +32,6 @@ import torch
 MTIL_TEST_IMAGES = {"Aircraft": 3333, "Caltech101": 1736, "CIFAR100": 10000, "DTD": 1880, "EuroSAT": 5400,
                     "Flowers": 6149, "Food": 25250, "MNIST": 10000, "OxfordPet": 3669, "StanfordCars": 8041,
                     "SUN397": 21751}
-MTIL_CLASSES = {"Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10, "Flowers": 102,
-                "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196, "SUN397": 397}
 TEMPLATES_PER_CLASS = 1     # the CLIP templates per data set vary (1 to 18); the E2E counts one per class
 REAL_IMAGES, REAL_STEPS, TASKS = 1000, 1000, 11
 
@@ -75,8 +73,9 @@ def load_synthetic(folder, size=224):
 
     import numpy as np
     from PIL import Image
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    from gift_fast.models import OPENAI_MEAN, OPENAI_STD
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     with open(os.path.join(folder, "image_text.csv")) as f:
         rows = list(csv.DictReader(f))
     arr = np.stack([np.asarray(Image.open(os.path.join(folder, r["image"])).convert("RGB")
@@ -139,12 +138,14 @@ def train(syn_x, syn_texts, n_steps):
 
 def evaluate(model, tok, n_images):
     """Zero-shot classifiers of all 11 data sets + n_images through the image encoder."""
+    from gift_fast.data.mtil import classnames
     model.eval()
 
     def classifiers():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            for task, c in MTIL_CLASSES.items():
-                t = tok([f"a photo of a {task} class {i}." for i in range(c * TEMPLATES_PER_CLASS)]).cuda()
+            for task in MTIL_TEST_IMAGES:
+                names = classnames(task) * TEMPLATES_PER_CLASS
+                t = tok([f"a photo of a {c}." for c in names]).cuda()
                 torch.nn.functional.normalize(model.encode_text(t).float(), dim=-1)
     _, text_s = timed(classifiers)
     x = torch.randn(500, 3, 224, 224, device="cuda")

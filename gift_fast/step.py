@@ -19,13 +19,13 @@ of the whole encoder).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
+from gift_fast.evaluate import autocast
 from gift_fast.losses import feature_distill_loss, gift_distill_loss
 
 DISTILL_MODES = ("contrastive", "image_only", "text_only", "kl", "feature", "none")
@@ -46,12 +46,6 @@ class StepConfig:
     def __post_init__(self):
         if self.distill not in DISTILL_MODES:
             raise ValueError(f"distill must be one of {DISTILL_MODES}, got {self.distill!r}")
-
-
-def _autocast(cfg: StepConfig, device: torch.device):
-    if not cfg.bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def classification_loss(model, images, labels, class_tokens, cfg: StepConfig) -> torch.Tensor:
@@ -121,13 +115,13 @@ class GiftStep:
         if cfg.distill != "none":
             if syn_images is None or teacher_img is None:
                 raise ValueError(f"distill={cfg.distill!r} needs the synthetic batch and the teacher's embeddings")
-            with _autocast(cfg, device):
+            with autocast(device, cfg.bf16):
                 loss_kd = distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt, cfg)
             loss_kd.backward()          # the gradients of L_kd alone: AWC's Fisher comes from them
             out["loss_kd"] = loss_kd.detach()
         if self.awc is not None:
             out["loss_awc"] = self.awc.step()
-        with _autocast(cfg, device):
+        with autocast(device, cfg.bf16):
             loss_ce = classification_loss(model, images, labels, class_tokens, cfg)
         loss_ce.backward()              # accumulates into the same .grad (no zero_grad in between)
         out["loss_ce"] = loss_ce.detach()

@@ -659,14 +659,15 @@ class ContinualTrainer:
 
     def _static_fisher(self, step, syn, t: int) -> None:
         """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd."""
-        from gift_fast.step import _autocast, distillation_loss
+        from gift_fast.evaluate import autocast
+        from gift_fast.step import distillation_loss
 
         idx_all = synthetic_indices(len(syn["images"]), self.cfg.syn_batch_size, self.cfg.fisher_batches,
                                     _derived_seed(self.cfg.seed, t, STREAM_FISHER)).to(self.device)
         for i in idx_all:
             step.zero_grad()
             kk = syn["labels"][i]
-            with _autocast(step.cfg, self.device):
+            with autocast(self.device, step.cfg.bf16):
                 loss = distillation_loss(self.model, normalize_batch(syn["images"][i], self.bundle.mean,
                                                                      self.bundle.std),
                                          syn["tokens"][kk], kk, syn["t_img"][i], syn["t_txt"][kk], step.cfg)
