@@ -118,14 +118,19 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
     gift-fast train --preset tiny --out runs/tiny        # the toy world, CPU, minutes
     gift-fast train --order 1 --bf16 --out runs/order1   # the paper's MTIL protocol (GPU)
     """
-    import dataclasses
 
-    from gift_fast.report import report
-    from gift_fast.train import PRESET_RUNS, TrainConfig, plan_runs, preset_config, run_many
+    from gift_fast.distributed import env_world_size
 
+    try:
+        world = env_world_size()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     opts["compile"] = compile_
     # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
     if benchmark not in (None, "mtil"):
+        if world > 1:
+            raise click.UsageError("the class-incremental benchmarks run in one process: start them without "
+                                   "torchrun (or with --nproc_per_node 1)")
         if preset:
             raise click.UsageError(f"--preset {preset} and --benchmark {benchmark} do not go together")
         from gift_fast.cil import run_cil_command
@@ -145,6 +150,39 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
     if class_order is not None or iterations is not None:
         raise click.UsageError("--class-order and --iterations are options of a class-incremental --benchmark")
     # --- end class-incremental ---
+    if world > 1:
+        if jobs not in (None, 1):
+            raise click.UsageError(f"--jobs {jobs} runs several runs in worker processes; under torchrun every "
+                                   f"process takes part in one run at a time: drop --jobs")
+        _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts)
+        return
+    _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts)
+
+
+def _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts):
+    """torchrun: join the process group (NCCL on GPUs, gloo on CPUs), train, report on rank 0."""
+    from gift_fast.distributed import init_from_env, shutdown
+
+    from gift_fast.train import PRESETS
+
+    device = opts.get("device") or (PRESETS[preset].get("device") if preset else None)
+    try:
+        dist, _ = init_from_env(device)
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        _train(preset, out, resume, method, seeds, 1, no_plots, quiet or not dist.is_main, opts,
+               write_report=dist.is_main)
+    finally:
+        shutdown()
+
+
+def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, write_report=True):
+    import dataclasses
+
+    from gift_fast.report import report
+    from gift_fast.train import PRESET_RUNS, TrainConfig, plan_runs, preset_config, run_many
+
     none_pretrained = (opts.get("pretrained") or "").lower() == "none"
     none_cache = (opts.get("data_cache") or "").lower() == "none"
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -178,6 +216,8 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
         for c in cfgs:
             c.method_spec()          # bad method / switch combinations fail before any work
         run_many(cfgs, jobs=jobs, progress=not quiet)
+        if not write_report:
+            return
         text = report([c.out for c in cfgs], markdown=os.path.join(base.out, "report.md"))
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         raise click.ClickException(str(e)) from None

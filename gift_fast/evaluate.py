@@ -3,7 +3,9 @@
 For each task: the class embedding is the normalized mean of the normalized
 embeddings of the class name in every template of the task; the logits of an
 image are ``100 * n(f_img) @ W^T``; the score is top-1 accuracy in percent.
-Batched, under ``no_grad`` (and bf16 autocast when asked).
+Batched, under ``no_grad`` (and bf16 autocast when asked). With several processes
+(``dist``, gift_fast.distributed) each scores a contiguous slice of every test set and
+the correct counts are summed: the same accuracy as one process, N times faster.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gift_fast.data.base import TaskSpec
+from gift_fast.distributed import SINGLE, DistContext, all_reduce_sum
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -46,20 +49,24 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
     return F.normalize(emb, dim=-1)
 
 
-def iter_eval_batches(dataset, batch_size: int, device: torch.device, num_workers: int = 0):
-    """(float images, labels) batches of a test set on ``device``, in order."""
+def iter_eval_batches(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+                      start: int = 0, stop: Optional[int] = None):
+    """(float images, labels) batches of items ``[start, stop)`` of a test set on ``device``, in order."""
+    stop = len(dataset) if stop is None else stop
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None:                                       # TensorDataset (toy world)
         images, labels = tensors
-        for a in range(0, len(images), batch_size):
-            yield images[a:a + batch_size].to(device), labels[a:a + batch_size].to(device)
+        for a in range(start, stop, batch_size):
+            b = min(stop, a + batch_size)
+            yield images[a:b].to(device), labels[a:b].to(device)
         return
     if hasattr(dataset, "get_batch") and hasattr(dataset, "normalize"):   # CachedImageDataset
-        n = len(dataset)
-        for a in range(0, n, batch_size):
-            x, y = dataset.get_batch(range(a, min(n, a + batch_size)))
+        for a in range(start, stop, batch_size):
+            x, y = dataset.get_batch(range(a, min(stop, a + batch_size)))
             yield dataset.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         return
+    if (start, stop) != (0, len(dataset)):
+        dataset = torch.utils.data.Subset(dataset, range(start, stop))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     for x, y in loader:
@@ -69,8 +76,8 @@ def iter_eval_batches(dataset, batch_size: int, device: torch.device, num_worker
 @torch.no_grad()
 def evaluate_task(model, tokenizer: Callable, task: TaskSpec, *, device: torch.device, bf16: bool = False,
                   batch_size: int = 256, num_workers: int = 0, progress: bool = False,
-                  classifier: Optional[torch.Tensor] = None) -> float:
-    """Top-1 zero-shot accuracy (percent) of ``model`` on ``task.test``."""
+                  classifier: Optional[torch.Tensor] = None, dist: DistContext = SINGLE) -> float:
+    """Top-1 zero-shot accuracy (percent) of ``model`` on ``task.test`` (sharded over ``dist``)."""
     from tqdm.auto import tqdm
 
     if task.test is None or len(task.test) == 0:
@@ -80,29 +87,32 @@ def evaluate_task(model, tokenizer: Callable, task: TaskSpec, *, device: torch.d
     try:
         W = classifier if classifier is not None else zero_shot_classifier(
             model, tokenizer, task.classnames, task.templates, device=device, bf16=bf16)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        total = 0
-        n_batches = -(-len(task.test) // batch_size)
-        for x, y in tqdm(iter_eval_batches(task.test, batch_size, device, num_workers), total=n_batches,
-                         desc=f"eval {task.name}", disable=not progress, leave=False):
+        # counts[0] correct, counts[1] scored: summed over the processes at the end
+        counts = torch.zeros(2, dtype=torch.int64, device=device)
+        start, stop = dist.span(len(task.test))
+        n_batches = -(-(stop - start) // batch_size)
+        for x, y in tqdm(iter_eval_batches(task.test, batch_size, device, num_workers, start, stop),
+                         total=n_batches, desc=f"eval {task.name}", disable=not progress, leave=False):
             with autocast(device, bf16):
                 img = model.encode_image(x)
             logits = 100.0 * F.normalize(img.float(), dim=-1) @ W.T
-            correct += (logits.argmax(dim=-1) == y).sum()
-            total += int(y.shape[0])
+            counts[0] += (logits.argmax(dim=-1) == y).sum()
+            counts[1] += y.shape[0]
+        counts = all_reduce_sum(counts, dist)
     finally:
         model.train(was_training)
-    return 100.0 * float(correct) / total
+    correct, total = (int(v) for v in counts.tolist())
+    return 100.0 * correct / total
 
 
 def evaluate_tasks(model, tokenizer: Callable, tasks: Sequence[TaskSpec], *, device: torch.device,
                    bf16: bool = False, batch_size: int = 256, num_workers: int = 0,
-                   progress: bool = True) -> List[float]:
+                   progress: bool = True, dist: DistContext = SINGLE) -> List[float]:
     """Accuracy (percent) on every task, in order: one row of the accuracy matrix."""
     from tqdm.auto import tqdm
 
     return [evaluate_task(model, tokenizer, t, device=device, bf16=bf16, batch_size=batch_size,
-                          num_workers=num_workers, progress=False)
+                          num_workers=num_workers, progress=False, dist=dist)
             for t in tqdm(tasks, desc="evaluating", disable=not progress, leave=False)]
 
 

@@ -25,6 +25,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from gift_fast.distributed import SINGLE, DistContext, all_reduce_grads, gather_rows
 from gift_fast.evaluate import autocast
 from gift_fast.losses import feature_distill_loss, gift_distill_loss
 
@@ -50,17 +51,23 @@ class StepConfig:
 
 def classification_loss(model, images, labels, class_tokens, cfg: StepConfig) -> torch.Tensor:
     """CE with label smoothing of ``s * n(f_img) @ n(f_txt)^T`` over the task's class prompts."""
-    img = F.normalize(model.encode_image(images).float(), dim=-1)
-    txt = F.normalize(model.encode_text(class_tokens).float(), dim=-1)
+    img, txt = model.encode_image(images), model.encode_text(class_tokens)
+    cdt = torch.promote_types(img.dtype, torch.float32)     # float32 under bf16 autocast; float64 stays
+    img, txt = F.normalize(img.to(cdt), dim=-1), F.normalize(txt.to(cdt), dim=-1)
     logits = cfg.logit_scale * img @ txt.T
     return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
 
 
 def distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt,
-                      cfg: StepConfig) -> torch.Tensor:
-    """L_kd of the synthetic batch against the teacher's (cached) embeddings."""
-    img_s = model.encode_image(syn_images)
-    txt_s = model.encode_text(syn_tokens)
+                      cfg: StepConfig, dist: DistContext = SINGLE) -> torch.Tensor:
+    """L_kd of the synthetic batch against the teacher's (cached) embeddings.
+
+    With several processes, ``syn_images`` / ``syn_tokens`` are this process's rows of the
+    global batch and ``syn_labels`` / ``teacher_*`` the global batch's: the student's
+    embeddings are gathered so the B x B loss is the one a single process computes.
+    """
+    img_s = gather_rows(model.encode_image(syn_images), dist)
+    txt_s = gather_rows(model.encode_text(syn_tokens), dist)
     if cfg.distill == "feature":
         return feature_distill_loss(img_s, txt_s, teacher_img, teacher_txt, weight=cfg.cd_weight)
     return gift_distill_loss(img_s, txt_s, teacher_img, teacher_txt, syn_labels, logit_scale=cfg.logit_scale,
@@ -92,11 +99,19 @@ class GiftStep:
 
     ``awc`` may be None (no consolidation: fine-tune, or a method without AWC);
     with ``cfg.distill == "none"`` there is no synthetic batch (fine-tune, L2).
+
+    ``dist`` (gift_fast.distributed): with several processes, the task batch and the
+    synthetic images / tokens are this process's rows, the synthetic labels and teacher
+    embeddings the global batch's; the gradients are reduced after each backward (the
+    Fisher sees the reduced L_kd gradient), so every process ends the step with the
+    weights one process would have.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig,
-                 awc=None, scheduler=None):
+                 awc=None, scheduler=None, dist: DistContext = SINGLE):
         self.model, self.optimizer, self.cfg, self.awc, self.scheduler = model, optimizer, cfg, awc, scheduler
+        self.dist = dist
+        self._params = [p for p in model.parameters() if p.requires_grad]
 
     def zero_grad(self) -> None:
         # The Triton AWC keeps .grad as views of its flat buffers: it clears them in place.
@@ -116,15 +131,18 @@ class GiftStep:
             if syn_images is None or teacher_img is None:
                 raise ValueError(f"distill={cfg.distill!r} needs the synthetic batch and the teacher's embeddings")
             with autocast(device, cfg.bf16):
-                loss_kd = distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt, cfg)
+                loss_kd = distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt, cfg,
+                                            self.dist)
             loss_kd.backward()          # the gradients of L_kd alone: AWC's Fisher comes from them
+            all_reduce_grads(self._params, self.dist, average=False)   # per-shard parts -> the full gradient
             out["loss_kd"] = loss_kd.detach()
         if self.awc is not None:
             out["loss_awc"] = self.awc.step()
         with autocast(device, cfg.bf16):
             loss_ce = classification_loss(model, images, labels, class_tokens, cfg)
         loss_ce.backward()              # accumulates into the same .grad (no zero_grad in between)
-        out["loss_ce"] = loss_ce.detach()
+        all_reduce_grads(self._params, self.dist, average=True)        # the mean CE of the global batch
+        out["loss_ce"] = loss_ce.detach()   # this process's shard (the trainer averages it when it logs)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

@@ -21,6 +21,10 @@ AWC. Switches override a method's parts (Tab. 3 and 4 of the paper).
 Randomness is derived per task from (seed, task index), never from the process's
 history, so ``--resume`` after task k gives the same final numbers as an
 uninterrupted run.
+
+Several processes (``torchrun``, gift_fast.distributed): every process draws the same
+global batch and keeps its rows; the step reduces the gradients; evaluation is sharded;
+rank 0 alone writes the run folder. N processes compute what one does.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from gift_fast.distributed import SINGLE, DistContext
 
 METHODS = ("gift", "finetune", "l2", "ewc-v")
 CONSOLIDATIONS = ("none", "uniform", "adaptive", "static")
@@ -251,7 +257,7 @@ class TaskBatches:
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, device: torch.device, num_workers: int = 0,
-                 start: int = 0):
+                 start: int = 0, rows: slice = slice(None)):
         if dataset is None or len(dataset) == 0:
             raise ValueError("the task has no training data")
         if len(dataset) < batch_size:
@@ -259,6 +265,7 @@ class TaskBatches:
                              f"lower --batch-size")
         self.dataset, self.batch_size, self.seed, self.device = dataset, batch_size, seed, device
         self.num_workers = num_workers
+        self.rows = rows          # this process's rows of each global batch (all of them with one process)
         # The stream is a function of (seed, batch index) only: a run resumed at step k skips k batches
         # (index-only for tensor data sets; the other paths draw and drop them) and sees the same batches.
         self.start = int(start)
@@ -284,11 +291,11 @@ class TaskBatches:
         if tensors is not None:
             images, labels = (t.to(self.device) for t in tensors[:2])
             for idx in self._perms():
-                idx = idx.to(self.device)
+                idx = idx[self.rows].to(self.device)
                 yield images[idx], labels[idx]
         elif hasattr(self.dataset, "iter_batches"):
             yield from self.dataset.iter_batches(self.batch_size, shuffle=True, seed=self.seed, drop_last=True,
-                                                 epochs=None, device=self.device)
+                                                 epochs=None, device=self.device, rows=self.rows)
         else:
             epoch = 0
             while True:
@@ -297,8 +304,9 @@ class TaskBatches:
                     self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
                     num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                     persistent_workers=False)
-                for x, y in loader:
-                    yield x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device, non_blocking=True)
+                for x, y in loader:     # (several processes: each decodes the global batch and keeps its rows)
+                    x, y = x[self.rows], torch.as_tensor(y)[self.rows]
+                    yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 epoch += 1
 
     def __next__(self):
@@ -419,11 +427,16 @@ class ContinualTrainer:
     """One continual run: a model, a task sequence, a method, a run folder.
 
     ``bundle`` (a ``gift_fast.models.ClipBundle``) and ``tasks`` (``TaskSpec`` list) may
-    be given directly (tests, notebooks); otherwise they are built from ``cfg``.
+    be given directly (tests, notebooks); otherwise they are built from ``cfg``. ``dist``:
+    this process's place among several (default: the initialized process group, if any).
     """
 
-    def __init__(self, cfg: TrainConfig, *, tasks=None, bundle=None, generator=None):
+    def __init__(self, cfg: TrainConfig, *, tasks=None, bundle=None, generator=None,
+                 dist: Optional[DistContext] = None):
+        from gift_fast.distributed import current
+
         self.cfg = cfg
+        self.dist = dist if dist is not None else current()
         self.method = cfg.method_spec()
         if cfg.keep_checkpoints not in ("all", "last"):
             raise ValueError(f"keep_checkpoints must be 'all' or 'last', got {cfg.keep_checkpoints!r}")
@@ -431,7 +444,11 @@ class ContinualTrainer:
             raise ValueError(f"--kernels must be torch, triton or auto, got {cfg.kernels!r}")
         if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.syn_batch_size <= 0:
             raise ValueError("steps, batch_size and syn_batch_size must be positive")
-        self.device = resolve_device(cfg.device)
+        for name, b in (("--batch-size", cfg.batch_size), ("--syn-batch-size", cfg.syn_batch_size)):
+            if b % self.dist.world_size:
+                raise ValueError(f"{name} {b} is the global batch and must split evenly over the "
+                                 f"{self.dist.world_size} processes: use a multiple of {self.dist.world_size}")
+        self.device = resolve_device(cfg.device, self.dist)
         if cfg.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("--bf16 needs a GPU with bfloat16 support")
         self.out = Path(cfg.out)
@@ -532,7 +549,7 @@ class ContinualTrainer:
         size = self.bundle.image_size
         if cfg.reference_images:
             return load_reference_set(cfg.reference_images, cfg.images_per_task, seed=self._synth_seed(),
-                                      task_index=t, image_size=size, progress=cfg.progress)
+                                      task_index=t, image_size=size, progress=self._progress)
         if cfg.synth == "on-the-fly":
             from gift_fast.synth.engine import synthesize_task
             from gift_fast.synth.prompts import build_class_pool, sample_prompts
@@ -542,15 +559,22 @@ class ContinualTrainer:
             prompts = sample_prompts(pool, cfg.images_per_task, seed=self._synth_seed(), task_index=t)
             root = self.out / "synthetic"
             fmt = "png" if getattr(gen, "name", "") == "toy" else "jpeg"
+            # each process generates its share (the engine's rank sharding); rank 0 writes the index
             synthesize_task(gen, task.name, prompts, root, seed=self._synth_seed(), task_index=t,
-                            batch_size=cfg.synth_batch_size, progress=cfg.progress, image_format=fmt,
-                            overwrite=True)
-            return load_synthetic_set(root, task.name, image_size=size, progress=cfg.progress)
+                            batch_size=cfg.synth_batch_size, progress=self._progress, image_format=fmt,
+                            overwrite=True, rank=self.dist.rank, world_size=self.dist.world_size)
+            self.dist.barrier()          # the index is complete before anyone reads it
+            return load_synthetic_set(root, task.name, image_size=size, progress=self._progress)
         return load_synthetic_set(cfg.synth, task.name, image_size=size, limit=cfg.images_per_task,
-                                  progress=cfg.progress)
+                                  progress=self._progress)
+
+    @property
+    def _progress(self) -> bool:
+        """Progress bars and notes: rank 0's only."""
+        return self.cfg.progress and self.dist.is_main
 
     def _discard_synthetic(self, t: int) -> None:
-        if self.cfg.synth == "on-the-fly" and not self.cfg.keep_synth:
+        if self.cfg.synth == "on-the-fly" and not self.cfg.keep_synth and self.dist.is_main:
             shutil.rmtree(self.out / "synthetic" / f"{self.tasks[t].name}_Syn", ignore_errors=True)
 
     def teacher_embeddings(self, distill_set, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -588,7 +612,8 @@ class ContinualTrainer:
                               ita_weight=cfg.ita_weight if m.ita else 0.0,
                               distill=_STEP_DISTILL[m.distill] if m.distills else "none", bf16=cfg.bf16,
                               kernels=cfg.kernels)
-        return GiftStep(self.model, optimizer, step_cfg, awc=self.awc, scheduler=scheduler), optimizer, scheduler
+        return (GiftStep(self.model, optimizer, step_cfg, awc=self.awc, scheduler=scheduler, dist=self.dist),
+                optimizer, scheduler)
 
     # ------------------------------------------------------------------ one task
     def train_task(self, t: int) -> Dict[str, Any]:
@@ -616,24 +641,26 @@ class ContinualTrainer:
         k0 = self._load_in_task(t, optimizer, scheduler)
         if self.method.consolidation == "static" and k0 == 0:
             self._static_fisher(step, syn, t)
+        rows, syn_rows = self.dist.rows(cfg.batch_size), self.dist.rows(cfg.syn_batch_size)
         batches = TaskBatches(task.train, cfg.batch_size, _derived_seed(cfg.seed, t, STREAM_TASK), self.device,
-                              cfg.num_workers, start=k0)
+                              cfg.num_workers, start=k0, rows=rows)
         model.train()
         sums: Dict[str, torch.Tensor] = {}
         n_acc, t_last, k_last = 0, time.perf_counter(), 0
         t0 = time.perf_counter()
         bar = tqdm(range(k0, cfg.steps), desc=f"task {t + 1}/{len(self.tasks)} {task.name}",
-                   disable=not cfg.progress, leave=False, initial=k0, total=cfg.steps)
+                   disable=not self._progress, leave=False, initial=k0, total=cfg.steps)
         n_acc, k_last = 0, k0
         try:
             for k in bar:
                 images, labels = next(batches)
                 if syn is not None:
-                    i = syn["idx"][k]
+                    i = syn["idx"][k]                 # the global synthetic batch
                     kk = syn["labels"][i]
+                    il = i[syn_rows]                  # this process's rows (the loss gathers the rest)
                     out = step(images, labels, class_tokens,
-                               normalize_batch(syn["images"][i], self.bundle.mean, self.bundle.std),
-                               syn["tokens"][kk], kk, syn["t_img"][i], syn["t_txt"][kk])
+                               normalize_batch(syn["images"][il], self.bundle.mean, self.bundle.std),
+                               syn["tokens"][kk[syn_rows]], kk, syn["t_img"][i], syn["t_txt"][kk])
                 else:
                     out = step(images, labels, class_tokens)
                 for name, v in out.items():
@@ -645,7 +672,8 @@ class ContinualTrainer:
                     rec = self._log_record(t, k, sums, n_acc, optimizer, now - t_last, k + 1 - k_last)
                     bar.set_postfix({n: f"{v:.3f}" for n, v in rec.items() if n.startswith("loss")})
                     sums, n_acc, t_last, k_last = {}, 0, now, k + 1
-                if cfg.checkpoint_every > 0 and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.steps:
+                if (cfg.checkpoint_every > 0 and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.steps
+                        and self.dist.is_main):
                     self._save_in_task(t, k + 1, optimizer, scheduler)
         finally:
             batches.close()
@@ -659,23 +687,34 @@ class ContinualTrainer:
 
     def _static_fisher(self, step, syn, t: int) -> None:
         """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd."""
+        from gift_fast.distributed import all_reduce_grads
         from gift_fast.evaluate import autocast
         from gift_fast.step import distillation_loss
 
         idx_all = synthetic_indices(len(syn["images"]), self.cfg.syn_batch_size, self.cfg.fisher_batches,
                                     _derived_seed(self.cfg.seed, t, STREAM_FISHER)).to(self.device)
+        rows = self.dist.rows(self.cfg.syn_batch_size)
         for i in idx_all:
             step.zero_grad()
             kk = syn["labels"][i]
             with autocast(self.device, step.cfg.bf16):
-                loss = distillation_loss(self.model, normalize_batch(syn["images"][i], self.bundle.mean,
+                loss = distillation_loss(self.model, normalize_batch(syn["images"][i[rows]], self.bundle.mean,
                                                                      self.bundle.std),
-                                         syn["tokens"][kk], kk, syn["t_img"][i], syn["t_txt"][kk], step.cfg)
+                                         syn["tokens"][kk[rows]], kk, syn["t_img"][i], syn["t_txt"][kk], step.cfg,
+                                         self.dist)
             loss.backward()
+            all_reduce_grads(step._params, self.dist, average=False)
             self.awc.update_fisher()
         step.zero_grad()
 
     def _log_record(self, t, k, sums, n, optimizer, dt, dk) -> Dict[str, Any]:
+        if self.dist.enabled:            # the mean over processes (L_ce is per shard; the others agree anyway)
+            from gift_fast.distributed import all_reduce_tensors_
+
+            names = sorted(sums)
+            packed = torch.stack([sums[name] for name in names])
+            all_reduce_tensors_([packed], self.dist, average=True)
+            sums = dict(zip(names, packed.unbind()))
         vals = {name: float(v) / n for name, v in sums.items()}     # the one host sync per logging step
         bad = {name: v for name, v in vals.items() if not math.isfinite(v)}
         if bad:
@@ -687,8 +726,9 @@ class ContinualTrainer:
                "lr": optimizer.param_groups[0]["lr"], **vals,
                "steps_per_s": dk / dt if dt > 0 else None,
                "images_per_s": dk * per_step / dt if dt > 0 else None, "time": time.time()}
-        with open(self.log_path, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        if self.dist.is_main:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
         return rec
 
     # ------------------------------------------------------------------ evaluation and state
@@ -697,7 +737,7 @@ class ContinualTrainer:
 
         return evaluate_tasks(self.model, self.bundle.tokenizer, self.tasks, device=self.device, bf16=self.cfg.bf16,
                               batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
-                              progress=self.cfg.progress)
+                              progress=self._progress, dist=self.dist)
 
     def checkpoint_path(self, t: int) -> Path:
         return self.out / "checkpoints" / f"task_{t + 1:02d}_{self.tasks[t].name}.safetensors"
@@ -709,13 +749,15 @@ class ContinualTrainer:
         from gift_fast.models import save_model
 
         path = self.checkpoint_path(t)
+        state["finished"] = t + 1
+        state["checkpoints"].append(str(path.relative_to(self.out)))
+        state["tasks_info"].append(info)
+        if not self.dist.is_main:        # rank 0 writes; the others keep the same state in memory
+            return
         save_model(self.model, path, metadata={
             "model": self.bundle.model_name, "task_index": t, "task": self.tasks[t].name, "finished": True,
             "step": self.cfg.steps, "identity": hashlib.sha256(json.dumps(identity_of(self.cfg), sort_keys=True,
                                                                          default=str).encode()).hexdigest()})
-        state["finished"] = t + 1
-        state["checkpoints"].append(str(path.relative_to(self.out)))
-        state["tasks_info"].append(info)
         write_json(self._state_path(), state)
         if self.cfg.keep_checkpoints == "last":
             for rel in state["checkpoints"][:-1]:
@@ -798,7 +840,7 @@ class ContinualTrainer:
 
     def _trim_log(self, t: int, k: int) -> None:
         """Drop log records written after the checkpoint (the resumed run writes them again)."""
-        if not self.log_path.is_file():
+        if not self.dist.is_main or not self.log_path.is_file():
             return
         from gift_fast.models import atomic_write_text
 
@@ -816,6 +858,8 @@ class ContinualTrainer:
 
     def _clear_in_task(self) -> None:
         """Remove the in-task checkpoint once its task is finished (the task checkpoint supersedes it)."""
+        if not self.dist.is_main:
+            return
         self._in_task_pointer().unlink(missing_ok=True)
         for f in (self.out / "checkpoints").glob("in_task_*"):
             f.unlink(missing_ok=True)
@@ -847,6 +891,8 @@ class ContinualTrainer:
             raise FileExistsError(
                 f"{self.out} already holds a run ({state.get('finished', 0)} of {len(state.get('tasks', []))} tasks "
                 f"finished): pass --resume to continue it, or choose another --out")
+        self.dist.barrier()              # every process has read the folder before rank 0 writes to it
+        main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
         if state is not None:
             self._check_resumable(state)
@@ -856,20 +902,24 @@ class ContinualTrainer:
                 load_weights(self.model, self.out / state["checkpoints"][-1])
             self._note(f"resuming {self.out} after task {state['finished']} of {len(self.tasks)}")
         else:
-            if self.log_path.exists():
-                self.log_path.unlink()
-            self.log_path.touch()
-            write_json(self.out / "config.json", {
+            if main:
+                if self.log_path.exists():
+                    self.log_path.unlink()
+                self.log_path.touch()
+            config = {
                 "config": dataclasses.asdict(cfg), "method": dataclasses.asdict(self.method),
                 "label": cfg.label or self.method.label(), "tasks": self.task_names,
                 "task_lrs": [cfg.lr if cfg.lr is not None else t.lr for t in self.tasks],
                 "model": {"name": self.bundle.model_name, "pretrained": self.bundle.pretrained,
                           "logit_scale": self.logit_scale, "image_size": self.bundle.image_size},
-                "device": str(self.device), "versions": _versions()})
+                "device": str(self.device), "processes": self.dist.world_size, "versions": _versions()}
+            if main:
+                write_json(self.out / "config.json", config)
             zero_shot = self.evaluate_all()
             state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
                      "finished": 0, "checkpoints": [], "tasks_info": []}
-            write_json(self._state_path(), state)
+            if main:
+                write_json(self._state_path(), state)
             self._write_results(state)
         for t in range(state["finished"], len(self.tasks)):
             info = self.train_task(t)
@@ -882,7 +932,7 @@ class ContinualTrainer:
             self._note(f"task {t + 1}/{len(self.tasks)} {self.tasks[t].name}: " +
                        " ".join(f"{n}={a:.1f}" for n, a in zip(self.task_names, row)))
         metrics = self._write_results(state)
-        if cfg.plots:
+        if cfg.plots and main:
             from gift_fast.report import plot_run
 
             try:
@@ -894,7 +944,9 @@ class ContinualTrainer:
     def _write_results(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         from gift_fast.metrics import continual_metrics
 
-        write_acc_csv(self.out / "acc_matrix.csv", self.task_names, state["zero_shot"], state["acc"])
+        main = self.dist.is_main
+        if main:
+            write_acc_csv(self.out / "acc_matrix.csv", self.task_names, state["zero_shot"], state["acc"])
         if len(state["acc"]) < len(self.tasks):
             return None
         metrics = continual_metrics(state["acc"])
@@ -902,21 +954,27 @@ class ContinualTrainer:
         metrics["zero_shot"] = continual_metrics([zs] * len(zs))
         metrics["tasks"] = self.task_names
         metrics["label"] = self.cfg.label or self.method.label()
-        write_json(self.out / "metrics.json", metrics)
+        if main:
+            write_json(self.out / "metrics.json", metrics)
         return metrics
 
     def _note(self, msg: str) -> None:
-        if self.cfg.progress:
+        if self._progress:
             print(msg, file=sys.stderr, flush=True)
 
 
 # =============================================================================== builders
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, dist: DistContext = SINGLE) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; with several processes, ``auto`` and ``cuda``
+    mean this process's GPU (cuda:LOCAL_RANK)."""
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+        d = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        d = torch.device(device)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if d.type == "cuda" and d.index is None and dist.enabled:
+        d = torch.device("cuda", dist.local_rank)
     return d
 
 
@@ -1028,9 +1086,17 @@ def run_many(cfgs: Sequence[TrainConfig], jobs: int = 1, progress: bool = True) 
 
     Runs already finished in their folder are skipped when ``resume`` is set. Shared
     inputs are prepared first (the toy CLIP's pre-training), so workers never race
-    to build them.
+    to build them. Under torchrun (an initialized process group) the runs go one after
+    the other, each over all the processes.
     """
     from tqdm.auto import tqdm
+
+    from gift_fast.distributed import current
+
+    dist = current()
+    if dist.enabled:
+        jobs = 1                          # every process takes part in every run
+        progress = progress and dist.is_main
 
     todo, results = [], [None] * len(cfgs)
     for i, c in enumerate(cfgs):
@@ -1042,7 +1108,9 @@ def run_many(cfgs: Sequence[TrainConfig], jobs: int = 1, progress: bool = True) 
     if any(cfgs[i].toy and cfgs[i].pretrained == "toy" for i in todo):
         from gift_fast.data.toy import pretrained_toy_clip_path
 
-        pretrained_toy_clip_path(cfgs[todo[0]].model, progress=progress)
+        if dist.is_main:                  # one process builds it, the others then find it cached
+            pretrained_toy_clip_path(cfgs[todo[0]].model, progress=progress)
+        dist.barrier()
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
             results[i] = train(cfgs[i])

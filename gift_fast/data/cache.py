@@ -332,10 +332,11 @@ class CachedImageDataset(Dataset):
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
                      epochs: Optional[int] = 1, device: Union[str, torch.device, None] = None,
-                     prefetch: int = 2) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                     prefetch: int = 2, rows: Optional[slice] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Normalized ``(float [B, 3, S, S], int64 [B])`` batches on ``device``; a background thread
         gathers the next batches (pinned memory when ``device`` is CUDA) while the GPU works.
-        ``epochs=None`` repeats forever (reshuffled each epoch with a seed derived from ``seed``)."""
+        ``epochs=None`` repeats forever (reshuffled each epoch with a seed derived from ``seed``).
+        ``rows``: only these rows of each batch are read (one process's share of a global batch)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -352,7 +353,8 @@ class CachedImageDataset(Dataset):
                     order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n))
                     end = n - n % batch_size if drop_last else n
                     for a in range(0, end, batch_size):
-                        x, y = self.get_batch(order[a:a + batch_size])
+                        idx = order[a:a + batch_size]
+                        x, y = self.get_batch(idx if rows is None else idx[rows])
                         if pin:
                             x, y = x.pin_memory(), y.pin_memory()
                         while not stop.is_set():
