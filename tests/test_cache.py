@@ -217,3 +217,14 @@ def test_files_fingerprint(tmp_path):
     assert f1 != files_fingerprint([str(p), str(q)], str(tmp_path))
     with pytest.raises(FileNotFoundError):
         files_fingerprint([str(tmp_path / "missing")])
+
+
+def test_iter_batches_rows_are_a_share_of_the_same_global_batches(tmp_path):
+    """Several processes (gift_fast.distributed): each reads only its rows of the batch all draw."""
+    ds = make(tmp_path)
+    full = list(ds.iter_batches(8, shuffle=True, seed=3, epochs=2))
+    for rows in (slice(0, 4), slice(4, 8)):
+        part = list(ds.iter_batches(8, shuffle=True, seed=3, epochs=2, rows=rows))
+        assert len(part) == len(full)
+        for (x, y), (xs, ys) in zip(full, part):
+            assert torch.equal(xs, x[rows]) and torch.equal(ys, y[rows])

@@ -255,3 +255,25 @@ def test_two_processes_killed_mid_task_and_resumed_match_one_uninterrupted(tmp_p
     for x, y in zip(la, lb):
         assert y["loss_kd"] == pytest.approx(x["loss_kd"], rel=1e-4) and \
             y["loss_ce"] == pytest.approx(x["loss_ce"], rel=1e-4), x["step"]
+
+
+@pytest.mark.parametrize("kind", ["tensors", "dataset"])
+def test_evaluation_shares_cover_the_test_set_once(kind):
+    from gift_fast.evaluate import iter_eval_batches
+
+    x, y = torch.randn(23, 3, 4, 4), torch.arange(23)
+    if kind == "tensors":
+        ds = torch.utils.data.TensorDataset(x, y)
+    else:
+        class Plain(torch.utils.data.Dataset):       # no fast path: the DataLoader one
+            def __len__(self):
+                return 23
+
+            def __getitem__(self, i):
+                return x[i], int(y[i])
+        ds = Plain()
+    got = []
+    for r in range(3):
+        a, b = DistContext(r, 3).span(len(ds))
+        got += [yy for _, yb in iter_eval_batches(ds, 4, torch.device("cpu"), 0, a, b) for yy in yb.tolist()]
+    assert got == list(range(23))
