@@ -2,7 +2,7 @@
 # One prepared run on the GPU machine: install what it lacks, check correctness on
 # the GPU first, then run the benchmarks and write their JSON and logs to $OUT.
 #
-#   bash bench/gpu_check.sh [stage ...]      stages: setup kernels awc loss synth cache train e2e
+#   bash bench/gpu_check.sh [stage ...]      stages: setup kernels awc loss synth cache train e2e profile
 #
 # The GPU machine has torch/triton but no open_clip/diffusers: their wheels travel
 # in .whl/ (see ../shared/DEVICE.md). Each stage has its own time limit so that one
@@ -58,6 +58,11 @@ for stage in $stages; do
       ;;
     e2e)
       run_stage e2e ${LIMIT_E2E:-300} python3 bench/e2e.py ${E2E_ARGS:-} --json "$OUT/e2e.json"
+      ;;
+    profile)  # where the step's time goes (torch.profiler): PROFILE_VARIANTS, default the compiled fast step
+      for v in ${PROFILE_VARIANTS:-fast_compiled}; do
+        run_stage "profile_$v" ${LIMIT_PROFILE:-120} python3 bench/profile_step.py --variant "$v" --out "$OUT"
+      done
       ;;
     *) log "unknown stage $stage";;
   esac
