@@ -6,7 +6,10 @@ Variants, all through gift_fast.step.GiftStep (the one step the trainer runs):
                   batch every step, the torch losses and per-tensor AWC, AdamW (default impl.)
   bf16_eager      the same under bf16 autocast
   fast_eager      bf16 + teacher embeddings cached per task + Triton loss and AWC + fused AdamW
+                  + prompts cut after their end-of-text token (gift_fast.text, exact; once per task)
   fast_compiled   fast_eager + regional torch.compile of the transformer blocks
+Prompts end at token 6-20 (the MTIL class prompts end at 10-24, mean 8-17; run 2 drew ends
+anywhere in 4-76, which made the cut a no-op: compare the text cut's effect within one run).
 Before timing, one step of fast_eager and of reference_fp32 from the same weights must
 agree (losses within bf16 tolerance, update directions aligned).
 
@@ -48,9 +51,9 @@ def _build_model(device):
 
 
 def _tokens(n, ctx, g):
-    """Random token ids ending with EOT at a random position (open_clip pools at argmax id)."""
+    """Random token ids ending with EOT at a prompt-like position (open_clip pools at argmax id)."""
     t = torch.randint(1, EOT - 1, (n, ctx), generator=g)
-    ends = torch.randint(4, ctx, (n,), generator=g)
+    ends = torch.randint(min(6, ctx - 1), min(21, ctx), (n,), generator=g)
     for i, e in enumerate(ends.tolist()):
         t[i, e] = EOT
         t[i, e + 1:] = 0
@@ -113,9 +116,16 @@ def _make(variant, base, batches, device):
     if variant == "fast_compiled":
         compile_blocks(model)
 
+    tokens = {id(b): (b["class_tokens"], b["syn_tokens"]) for b in batches}
+    if fast:      # the trainer cuts the prompts once per task (gift_fast.text.trim_tokens)
+        from gift_fast.text import trim_tokens
+        tokens = {id(b): (trim_tokens(model, b["class_tokens"]), trim_tokens(model, b["syn_tokens"]))
+                  for b in batches}
+
     def run(b):
         t_img, t_txt = teacher_fn(b)
-        return step(b["images"], b["labels"], b["class_tokens"], b["syn_images"], b["syn_tokens"], b["syn_labels"],
+        class_tokens, syn_tokens = tokens[id(b)]
+        return step(b["images"], b["labels"], class_tokens, b["syn_images"], syn_tokens, b["syn_labels"],
                     t_img, t_txt)
     return model, run
 

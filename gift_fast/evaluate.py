@@ -26,12 +26,15 @@ def autocast(device: torch.device, bf16: bool):
 @torch.no_grad()
 def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, device: torch.device, bf16: bool = False,
                  batch_size: int = 512) -> torch.Tensor:
-    """Float32 text embeddings (not normalized) of ``texts``, in batches."""
+    """Float32 text embeddings (not normalized) of ``texts``, in batches (each cut after its last
+    end-of-text token: gift_fast.text, the same embeddings)."""
+    from gift_fast.text import encode_text, trim_tokens
+
     out = []
     for a in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[a:a + batch_size])).to(device)
+        tokens = trim_tokens(model, tokenizer(list(texts[a:a + batch_size]))).to(device)
         with autocast(device, bf16):
-            out.append(model.encode_text(tokens).float())
+            out.append(encode_text(model, tokens).float())
     return torch.cat(out)
 
 

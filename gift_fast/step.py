@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_grads, gather_rows
 from gift_fast.evaluate import autocast
 from gift_fast.losses import feature_distill_loss, gift_distill_loss
+from gift_fast.text import encode_text
 
 DISTILL_MODES = ("contrastive", "image_only", "text_only", "kl", "feature", "none")
 
@@ -51,7 +52,7 @@ class StepConfig:
 
 def classification_loss(model, images, labels, class_tokens, cfg: StepConfig) -> torch.Tensor:
     """CE with label smoothing of ``s * n(f_img) @ n(f_txt)^T`` over the task's class prompts."""
-    img, txt = model.encode_image(images), model.encode_text(class_tokens)
+    img, txt = model.encode_image(images), encode_text(model, class_tokens)
     cdt = torch.promote_types(img.dtype, torch.float32)     # float32 under bf16 autocast; float64 stays
     img, txt = F.normalize(img.to(cdt), dim=-1), F.normalize(txt.to(cdt), dim=-1)
     logits = cfg.logit_scale * img @ txt.T
@@ -67,7 +68,7 @@ def distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, te
     embeddings are gathered so the B x B loss is the one a single process computes.
     """
     img_s = gather_rows(model.encode_image(syn_images), dist)
-    txt_s = gather_rows(model.encode_text(syn_tokens), dist)
+    txt_s = gather_rows(encode_text(model, syn_tokens), dist)
     if cfg.distill == "feature":
         return feature_distill_loss(img_s, txt_s, teacher_img, teacher_txt, weight=cfg.cd_weight)
     return gift_distill_loss(img_s, txt_s, teacher_img, teacher_txt, syn_labels, logit_scale=cfg.logit_scale,

@@ -362,6 +362,7 @@ def embed_distill_set(model, distill_set, tokens: torch.Tensor, *, mean, std, de
                       bf16: bool = False, batch_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
     """Image embeddings of every pair [N, D] and text embeddings of every distinct prompt [P, D] (float32)."""
     from gift_fast.evaluate import autocast
+    from gift_fast.text import encode_text
 
     was_training = model.training
     model.eval()
@@ -373,7 +374,7 @@ def embed_distill_set(model, distill_set, tokens: torch.Tensor, *, mean, std, de
                 imgs.append(model.encode_image(x).float())
         for a in range(0, tokens.shape[0], batch_size):
             with autocast(device, bf16):
-                txts.append(model.encode_text(tokens[a:a + batch_size].to(device)).float())
+                txts.append(encode_text(model, tokens[a:a + batch_size].to(device)).float())
     finally:
         model.train(was_training)
     return torch.cat(imgs), torch.cat(txts)
@@ -622,7 +623,10 @@ class ContinualTrainer:
         cfg, task, model = self.cfg, self.tasks[t], self.model
         torch.manual_seed(_derived_seed(cfg.seed, t, 0))
         lr = cfg.lr if cfg.lr is not None else task.lr
-        tok = self.bundle.tokenizer
+        from gift_fast.text import trim_tokens
+
+        # prompts tokenized once per task, cut after their last end-of-text token (gift_fast.text: exact)
+        tok = lambda texts: trim_tokens(model, self.bundle.tokenizer(texts))  # noqa: E731
         class_tokens = tok(task.prompts()).to(self.device)
         dset = self.distill_set(t)
         syn = None

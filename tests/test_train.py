@@ -261,8 +261,17 @@ def test_finetune_step_is_cross_entropy_alone(tmp_path, init_ckpt):
     txt = F.normalize(model.encode_text(trainer.bundle.tokenize(task.prompts())), dim=-1)
     F.cross_entropy(float(model.logit_scale.exp()) * img @ txt.T, y[idx], label_smoothing=0.2).backward()
     opt.step()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        g = grads.get(k)
+        if g is not None:
+            # Adam's first step is ~lr * sign(g): where the gradient is rounding noise (the key part of
+            # in_proj_bias has an exactly-zero true gradient) its sign, and so the weight, is arbitrary
+            keep = g.abs() > 1e-4 * g.abs().max()
+            got_k, v = got[k][keep], v[keep]
+        else:
+            got_k = got[k]
+        torch.testing.assert_close(got_k, v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_ewc_v_fisher_is_estimated_before_the_task_and_then_fixed(tmp_path, init_ckpt):
