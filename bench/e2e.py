@@ -90,6 +90,7 @@ def train(syn_x, syn_texts, n_steps):
 
     from gift_fast.awc import AdaptiveWeightConsolidation
     from gift_fast.step import GiftStep, StepConfig, compile_blocks
+    from gift_fast.text import encode_text, trim_tokens
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16", pretrained=None).cuda()
     model.logit_scale.requires_grad_(False)
@@ -99,13 +100,13 @@ def train(syn_x, syn_texts, n_steps):
     distinct = sorted(set(syn_texts))
     ids = {t: i for i, t in enumerate(distinct)}
     syn_labels_all = torch.tensor([ids[t] for t in syn_texts], device="cuda")
-    syn_tokens_all = tok(syn_texts).cuda()
+    syn_tokens_all = trim_tokens(model, tok(syn_texts)).cuda()     # once per task, as the trainer
     syn_x = syn_x.cuda()
 
     def teacher_pass():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             img = torch.cat([teacher.encode_image(syn_x[i:i + 256]) for i in range(0, len(syn_x), 256)])
-            txt = torch.cat([teacher.encode_text(syn_tokens_all[i:i + 256]) for i in range(0, len(syn_x), 256)])
+            txt = torch.cat([encode_text(teacher, syn_tokens_all[i:i + 256]) for i in range(0, len(syn_x), 256)])
         return img, txt
     (t_img, t_txt), teacher_s = timed(teacher_pass)
 
@@ -115,7 +116,7 @@ def train(syn_x, syn_texts, n_steps):
                             fused=True)
     step = GiftStep(model, opt, StepConfig(bf16=True, kernels="triton"), awc=awc)
     compile_blocks(model)
-    class_tokens = tok([f"a photo of a class {i}." for i in range(100)]).cuda()
+    class_tokens = trim_tokens(model, tok([f"a photo of a class {i}." for i in range(100)])).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
     task_x = torch.randn(512, 3, 224, 224, device="cuda", generator=g)   # stands for the cached task data
     task_y = torch.randint(0, 100, (512,), device="cuda", generator=g)
@@ -139,14 +140,15 @@ def train(syn_x, syn_texts, n_steps):
 def evaluate(model, tok, n_images):
     """Zero-shot classifiers of all 11 data sets + n_images through the image encoder."""
     from gift_fast.data.mtil import classnames
+    from gift_fast.text import encode_text, trim_tokens
     model.eval()
 
     def classifiers():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             for task in MTIL_TEST_IMAGES:
                 names = classnames(task) * TEMPLATES_PER_CLASS
-                t = tok([f"a photo of a {c}." for c in names]).cuda()
-                torch.nn.functional.normalize(model.encode_text(t).float(), dim=-1)
+                t = trim_tokens(model, tok([f"a photo of a {c}." for c in names])).cuda()
+                torch.nn.functional.normalize(encode_text(model, t).float(), dim=-1)
     _, text_s = timed(classifiers)
     x = torch.randn(500, 3, 224, 224, device="cuda")
 
