@@ -242,6 +242,7 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
     """Zero-shot top-1 accuracy of a model (or a run's checkpoint) on every task of a sequence."""
     import json
 
+    from gift_fast.distributed import env_world_size, init_from_env, main_first, shutdown
     from gift_fast.evaluate import evaluate_tasks
     from gift_fast.models import atomic_write_text
     from gift_fast.train import TrainConfig, build_task_list, load_bundle, preset_config, resolve_device
@@ -260,13 +261,25 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
             kw.setdefault("data_root", MTIL_DEFAULTS["data_root"])
             kw.setdefault("data_cache", MTIL_DEFAULTS["data_cache"])
             cfg = TrainConfig(**kw)
-        dev = resolve_device(cfg.device)
-        bundle = load_bundle(cfg, dev)
-        task_list = build_task_list(cfg, bundle)
-        accs = evaluate_tasks(bundle.model, bundle.tokenizer, task_list, device=dev, bf16=cfg.bf16,
-                              batch_size=batch_size, progress=not quiet)
+        dist = None
+        if env_world_size() > 1:        # torchrun: each process scores a share of every test set
+            dist, _ = init_from_env(cfg.device)
+        try:
+            from gift_fast.distributed import SINGLE
+
+            dist = dist or SINGLE
+            dev = resolve_device(cfg.device, dist)
+            with main_first(dist):
+                bundle = load_bundle(cfg, dev)
+                task_list = build_task_list(cfg, bundle)
+            accs = evaluate_tasks(bundle.model, bundle.tokenizer, task_list, device=dev, bf16=cfg.bf16,
+                                  batch_size=batch_size, progress=not quiet and dist.is_main, dist=dist)
+        finally:
+            shutdown()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
+    if not dist.is_main:
+        return
     rows = {t.name: a for t, a in zip(task_list, accs)}
     width = max(len(n) for n in rows)
     for n, a in rows.items():

@@ -24,6 +24,7 @@ counts are summed). Only rank 0 writes the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
@@ -125,6 +126,17 @@ def init_from_env(device: Optional[str] = None) -> Tuple[DistContext, torch.devi
     return current(), dev
 
 
+@contextlib.contextmanager
+def main_first(dist: DistContext):
+    """Rank 0 runs the block first (decodes the image caches, fetches weights), the others after it
+    and find what it made. An error in rank 0's block skips its barrier: torchrun then stops all."""
+    if dist.enabled and not dist.is_main:
+        torch.distributed.barrier()
+    yield
+    if dist.enabled and dist.is_main:
+        torch.distributed.barrier()
+
+
 def shutdown() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -205,5 +217,5 @@ def all_reduce_sum(t: torch.Tensor, dist: DistContext) -> torch.Tensor:
     return out
 
 
-__all__ = ["DistContext", "SINGLE", "current", "init_from_env", "shutdown", "gather_rows", "all_reduce_grads",
+__all__ = ["DistContext", "SINGLE", "current", "init_from_env", "main_first", "shutdown", "gather_rows", "all_reduce_grads",
            "all_reduce_tensors_", "all_reduce_sum", "env_world_size", "BUCKET_BYTES"]

@@ -454,9 +454,12 @@ class ContinualTrainer:
             raise ValueError("--bf16 needs a GPU with bfloat16 support")
         self.out = Path(cfg.out)
         self._check_synthetic_source()
-        self.bundle = bundle if bundle is not None else load_bundle(cfg, self.device)
-        self.bundle.model.to(self.device)
-        self.tasks = tasks if tasks is not None else build_task_list(cfg, self.bundle)
+        from gift_fast.distributed import main_first
+
+        with main_first(self.dist):      # several processes: rank 0 builds the caches, the others read them
+            self.bundle = bundle if bundle is not None else load_bundle(cfg, self.device)
+            self.bundle.model.to(self.device)
+            self.tasks = tasks if tasks is not None else build_task_list(cfg, self.bundle)
         if not self.tasks:
             raise ValueError("the task sequence is empty")
         self._check_synthetic_folders()
@@ -1112,9 +1115,10 @@ def run_many(cfgs: Sequence[TrainConfig], jobs: int = 1, progress: bool = True) 
     if any(cfgs[i].toy and cfgs[i].pretrained == "toy" for i in todo):
         from gift_fast.data.toy import pretrained_toy_clip_path
 
-        if dist.is_main:                  # one process builds it, the others then find it cached
+        from gift_fast.distributed import main_first
+
+        with main_first(dist):            # one process builds it, the others then find it cached
             pretrained_toy_clip_path(cfgs[todo[0]].model, progress=progress)
-        dist.barrier()
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
             results[i] = train(cfgs[i])

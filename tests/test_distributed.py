@@ -277,3 +277,17 @@ def test_evaluation_shares_cover_the_test_set_once(kind):
         a, b = DistContext(r, 3).span(len(ds))
         got += [yy for _, yb in iter_eval_batches(ds, 4, torch.device("cpu"), 0, a, b) for yy in yb.tolist()]
     assert got == list(range(23))
+
+
+def test_eval_command_on_two_processes_scores_as_one(tmp_path):
+    from gift_fast.data.toy import pretrained_toy_clip_path
+
+    pretrained_toy_clip_path("toy-vit", progress=False)
+    args = lambda out: ["eval", "--preset", "tiny", "--tasks", "ToyShapes,ToyDigits", "--quiet",  # noqa: E731
+                        "--out", str(out)]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "gift_fast.cli.main", *args(one)], check=True, timeout=300,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    res = torchrun(2, ["--module", "gift_fast.cli.main", *args(two)])
+    assert res.stdout.count("mean") == 1                   # rank 0 prints
+    assert json.loads(two.read_text()) == json.loads(one.read_text())
