@@ -84,8 +84,11 @@ def cache(data_root, cache_dir, image_size, split_seed, split_record_dir, num_wo
     evaluations then read), so that the GPU run does not spend its time decoding JPEGs."""
     from gift_fast.data.mtil import build_task
     for t in _resolve_tasks(tasks):
-        spec = build_task(t, data_root, image_size=image_size, cache_dir=cache_dir, split_seed=split_seed,
-                          split_record_dir=split_record_dir, num_workers=num_workers)
+        try:
+            spec = build_task(t, data_root, image_size=image_size, cache_dir=cache_dir, split_seed=split_seed,
+                              split_record_dir=split_record_dir, num_workers=num_workers)
+        except (ValueError, OSError, RuntimeError) as e:   # missing folder, full disk, corrupt image: say which
+            raise click.ClickException(f"{t}: {e}") from None
         state = ", ".join(f"{p} {len(getattr(spec, p)):,} ({'built' if getattr(spec, p).built else 'cached'})"
                           for p in ("train", "test"))
         click.echo(f"{t}: {state}")

@@ -143,7 +143,7 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
             text = run_cil_command(benchmark, cil_opts, out=out, resume=resume, methods=_csv(method),
                                    seeds=_seeds(seeds), plots=not no_plots, progress=not quiet,
                                    class_order=class_order, iterations=iterations)
-        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError) as e:
             raise click.ClickException(str(e)) from None
         click.echo(text)
         return
@@ -219,7 +219,7 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
         if not write_report:
             return
         text = report([c.out for c in cfgs], markdown=os.path.join(base.out, "report.md"))
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(text)
     click.echo(f"(written to {os.path.join(base.out, 'report.md')})", err=True)
@@ -276,7 +276,7 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
                                   batch_size=batch_size, progress=not quiet and dist.is_main, dist=dist)
         finally:
             shutdown()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     if not dist.is_main:
         return

@@ -228,3 +228,14 @@ def test_iter_batches_rows_are_a_share_of_the_same_global_batches(tmp_path):
         assert len(part) == len(full)
         for (x, y), (xs, ys) in zip(full, part):
             assert torch.equal(xs, x[rows]) and torch.equal(ys, y[rows])
+
+
+def test_a_cache_that_cannot_fit_on_the_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    with pytest.raises(OSError, match=r"needs .* GB in .* only 0.0 GB are free.*--data-cache none"):
+        make(tmp_path)
+    assert not any(".tmp-" in f or f.endswith(".npy") for f in os.listdir(tmp_path))   # nothing written

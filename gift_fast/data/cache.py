@@ -160,6 +160,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_free_space(folder: str, need_bytes: int, what: str, margin: float = 1.05) -> None:
+    """Refuse to start a cache file that cannot fit: writes through a memory map into a full disk
+    kill the process with SIGBUS (no Python error, nothing saved), so check before writing."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes * margin:
+        gb = lambda b: f"{b / 2 ** 30:.1f} GB"  # noqa: E731
+        raise OSError(f"{what} needs {gb(need_bytes)} in {folder}, but only {gb(free)} are free: free some space, "
+                      f"put the cache on a larger disk (--data-cache DIR / --cache-dir DIR), or decode every time "
+                      f"(--data-cache none)")
+
+
 class CachedImageDataset(Dataset):
     """A data set's CLIP-preprocessed pixels, decoded once into a uint8 memory map.
 
@@ -264,6 +277,7 @@ class CachedImageDataset(Dataset):
             raise ValueError(f"cannot cache {self.name}: the source data set is empty")
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1) if n > 256 else 0
+        check_free_space(self.cache_dir, n * 3 * s * s + 8 * n, what=f"caching {self.name} ({n} images at {s}px)")
         tag = f".tmp-{os.getpid()}"
         tmp_images, tmp_labels, tmp_meta = self.images_path + tag, self.labels_path + tag, self.meta_path + tag
         try:
