@@ -380,6 +380,14 @@ def _store_stats(ptr, B, idx, ok, m, l1, l2, mp, lp, w, a, b, c):
 
 
 @triton.jit
+def _neutral_stats(N: tl.constexpr):
+    """N lanes of the neutral element of _merge: the start of every online-softmax accumulation."""
+    neg = tl.full((N,), _NEG, dtype=tl.float32)
+    zero = tl.zeros((N,), dtype=tl.float32)
+    return neg, zero, zero, neg, zero, zero, zero, zero, zero
+
+
+@triton.jit
 def _load_stats(ptr, B, idx, ok):
     """Partial statistics at ptr; where not ok the neutral element of _merge."""
     m = tl.load(ptr + idx, mask=ok, other=_NEG)
@@ -423,15 +431,7 @@ def _stats_kernel(x_ptr, y_ptr, xt_ptr, yt_ptr, lab_ptr, rn_ptr, part_ptr, part_
         srx = s * tl.load(rn_ptr + rows, mask=row_ok, other=0.0)
         srxt = s * tl.load(rn_ptr + 2 * B + rows, mask=row_ok, other=0.0)
         lab_r = tl.load(lab_ptr + rows, mask=row_ok, other=0)
-        M = tl.full((BM,), _NEG, dtype=tl.float32)
-        MP = tl.full((BM,), _NEG, dtype=tl.float32)
-        L1 = tl.zeros((BM,), dtype=tl.float32)
-        L2 = tl.zeros((BM,), dtype=tl.float32)
-        LP = tl.zeros((BM,), dtype=tl.float32)
-        W = tl.zeros((BM,), dtype=tl.float32)
-        A = tl.zeros((BM,), dtype=tl.float32)
-        Bs = tl.zeros((BM,), dtype=tl.float32)
-        C = tl.zeros((BM,), dtype=tl.float32)
+        M, L1, L2, MP, LP, W, A, Bs, C = _neutral_stats(BM)
         for jb in range(j_begin, j_end):
             cols = jb * BN + tl.arange(0, BN)
             col_ok = cols < B
@@ -479,26 +479,10 @@ def _combine_kernel(part_ptr, part_off, ws_ptr, tau_in, ls, cdw, itaw, inv_B,
     slot0 = side * n_row_slots
     n_slots = n_row_slots + side * (n_col_slots - n_row_slots)
 
-    M = tl.full((BC,), _NEG, dtype=tl.float32)
-    MP = tl.full((BC,), _NEG, dtype=tl.float32)
-    L1 = tl.zeros((BC,), dtype=tl.float32)
-    L2 = tl.zeros((BC,), dtype=tl.float32)
-    LP = tl.zeros((BC,), dtype=tl.float32)
-    W = tl.zeros((BC,), dtype=tl.float32)
-    A = tl.zeros((BC,), dtype=tl.float32)
-    Bs = tl.zeros((BC,), dtype=tl.float32)
-    C = tl.zeros((BC,), dtype=tl.float32)
+    M, L1, L2, MP, LP, W, A, Bs, C = _neutral_stats(BC)
     for k in range(0, n_slots):
-        base = part_ptr + (slot0 + k) * 9 * B + idx
-        m = tl.load(base, mask=ok, other=0.0)
-        l1 = tl.load(base + B, mask=ok, other=0.0)
-        l2 = tl.load(base + 2 * B, mask=ok, other=0.0)
-        mp = tl.load(base + 3 * B, mask=ok, other=0.0)
-        lp = tl.load(base + 4 * B, mask=ok, other=0.0)
-        w = tl.load(base + 5 * B, mask=ok, other=0.0)
-        a = tl.load(base + 6 * B, mask=ok, other=0.0)
-        b = tl.load(base + 7 * B, mask=ok, other=0.0)
-        c = tl.load(base + 8 * B, mask=ok, other=0.0)
+        # lanes past B get the neutral element; they are masked out of every store below
+        m, l1, l2, mp, lp, w, a, b, c = _load_stats(part_ptr + (slot0 + k) * 9 * B, B, idx, ok)
         M, L1, L2, MP, LP, W, A, Bs, C = _merge(M, L1, L2, MP, LP, W, A, Bs, C,
                                                 m, l1, l2, mp, lp, w, a, b, c, inv_tau)
     L1 = tl.where(ok, L1, 1.0)
