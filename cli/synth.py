@@ -5,7 +5,6 @@ diffusers are imported only when the command runs.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -28,23 +27,13 @@ def _echo(msg: str, rank: int = 0) -> None:
 
 def _init_distributed(device_opt):
     """rank, world_size, device from torchrun's environment (one process per GPU)."""
-    import torch
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_opt:
-        device = torch.device(device_opt)
-    else:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    from gift_fast.distributed import init_from_env
+
+    try:
+        dist, device = init_from_env(device_opt)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return dist.rank, dist.world_size, device
 
 
 @click.command("synth")

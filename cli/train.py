@@ -242,10 +242,10 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
     """Zero-shot top-1 accuracy of a model (or a run's checkpoint) on every task of a sequence."""
     import json
 
-    from gift_fast.distributed import env_world_size, init_from_env, main_first, shutdown
+    from gift_fast.distributed import init_from_env, main_first, shutdown
     from gift_fast.evaluate import evaluate_tasks
     from gift_fast.models import atomic_write_text
-    from gift_fast.train import TrainConfig, build_task_list, load_bundle, preset_config, resolve_device
+    from gift_fast.train import TrainConfig, build_task_list, load_bundle, preset_config
 
     try:
         kw = dict(model=model, pretrained=pretrained, order=order, tasks=_csv(tasks), data_root=data_root,
@@ -261,14 +261,8 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
             kw.setdefault("data_root", MTIL_DEFAULTS["data_root"])
             kw.setdefault("data_cache", MTIL_DEFAULTS["data_cache"])
             cfg = TrainConfig(**kw)
-        dist = None
-        if env_world_size() > 1:        # torchrun: each process scores a share of every test set
-            dist, _ = init_from_env(cfg.device)
+        dist, dev = init_from_env(cfg.device)   # under torchrun each process scores a share of every test set
         try:
-            from gift_fast.distributed import SINGLE
-
-            dist = dist or SINGLE
-            dev = resolve_device(cfg.device, dist)
             with main_first(dist):
                 bundle = load_bundle(cfg, dev)
                 task_list = build_task_list(cfg, bundle)

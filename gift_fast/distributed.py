@@ -95,7 +95,8 @@ def init_from_env(device: Optional[str] = None) -> Tuple[DistContext, torch.devi
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); the process's device.
 
     Outside torchrun (WORLD_SIZE unset or 1) nothing is initialized. ``device`` as the
-    CLI takes it: auto / cpu / cuda (each process then uses cuda:LOCAL_RANK).
+    CLI takes it: auto / cpu / cuda (each process then uses cuda:LOCAL_RANK) / cuda:N.
+    The one entry of ``gift-fast train``, ``eval`` and ``synth``.
     """
     world = env_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -107,7 +108,7 @@ def init_from_env(device: Optional[str] = None) -> Tuple[DistContext, torch.devi
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        if world > 1 and dev.index is None:
+        if dev.index is None:
             if local >= torch.cuda.device_count():
                 raise ValueError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s) here: start at "
                                  f"most {torch.cuda.device_count()} processes per node (--nproc_per_node)")
@@ -119,7 +120,7 @@ def init_from_env(device: Optional[str] = None) -> Tuple[DistContext, torch.devi
         for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise ValueError(f"WORLD_SIZE={world} but {var} is not set: start several processes with "
-                                 f"`torchrun --nproc_per_node N --no-python gift-fast train ...`")
+                                 f"`torchrun --nproc_per_node N --no-python gift-fast COMMAND ...`")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         torch.distributed.init_process_group(backend=backend, **kw)

@@ -291,3 +291,16 @@ def test_eval_command_on_two_processes_scores_as_one(tmp_path):
     res = torchrun(2, ["--module", "gift_fast.cli.main", *args(two)])
     assert res.stdout.count("mean") == 1                   # rank 0 prints
     assert json.loads(two.read_text()) == json.loads(one.read_text())
+
+
+def test_synth_command_on_two_processes_writes_what_one_does(tmp_path):
+    import hashlib
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "gift_fast.cli.main", "synth", "--preset", "tiny", "--out", str(one)],
+                   check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    torchrun(2, ["--module", "gift_fast.cli.main", "synth", "--preset", "tiny", "--out", str(two)])
+    digest = lambda root: {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                           for p in root.rglob("*") if p.is_file() and p.suffix in (".jpeg", ".png", ".csv")}
+    a = digest(one)
+    assert len(a) > 3 and digest(two) == a
