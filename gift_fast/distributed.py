@@ -131,11 +131,11 @@ def init_from_env(device: Optional[str] = None) -> Tuple[DistContext, torch.devi
 def main_first(dist: DistContext):
     """Rank 0 runs the block first (decodes the image caches, fetches weights), the others after it
     and find what it made. An error in rank 0's block skips its barrier: torchrun then stops all."""
-    if dist.enabled and not dist.is_main:
-        torch.distributed.barrier()
+    if not dist.is_main:
+        dist.barrier()
     yield
-    if dist.enabled and dist.is_main:
-        torch.distributed.barrier()
+    if dist.is_main:
+        dist.barrier()
 
 
 def shutdown() -> None:

@@ -114,6 +114,11 @@ class GiftStep:
         self.dist = dist
         self._params = [p for p in model.parameters() if p.requires_grad]
 
+    def reduce_grads(self, average: bool) -> None:
+        """Sum (L_kd: each process holds its rows' part) or average (L_ce: each process's mean) the
+        gradients over the processes; nothing with one process."""
+        all_reduce_grads(self._params, self.dist, average=average)
+
     def zero_grad(self) -> None:
         # The Triton AWC keeps .grad as views of its flat buffers: it clears them in place.
         if self.awc is not None and getattr(self.awc, "backend", "torch") == "triton":
@@ -135,14 +140,14 @@ class GiftStep:
                 loss_kd = distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt, cfg,
                                             self.dist)
             loss_kd.backward()          # the gradients of L_kd alone: AWC's Fisher comes from them
-            all_reduce_grads(self._params, self.dist, average=False)   # per-shard parts -> the full gradient
+            self.reduce_grads(average=False)       # per-shard parts -> the full gradient
             out["loss_kd"] = loss_kd.detach()
         if self.awc is not None:
             out["loss_awc"] = self.awc.step()
         with autocast(device, cfg.bf16):
             loss_ce = classification_loss(model, images, labels, class_tokens, cfg)
         loss_ce.backward()              # accumulates into the same .grad (no zero_grad in between)
-        all_reduce_grads(self._params, self.dist, average=True)        # the mean CE of the global batch
+        self.reduce_grads(average=True)            # the mean CE of the global batch
         out["loss_ce"] = loss_ce.detach()   # this process's shard (the trainer averages it when it logs)
         self.optimizer.step()
         if self.scheduler is not None:

@@ -694,7 +694,6 @@ class ContinualTrainer:
 
     def _static_fisher(self, step, syn, t: int) -> None:
         """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd."""
-        from gift_fast.distributed import all_reduce_grads
         from gift_fast.evaluate import autocast
         from gift_fast.step import distillation_loss
 
@@ -710,7 +709,7 @@ class ContinualTrainer:
                                          syn["tokens"][kk[rows]], kk, syn["t_img"][i], syn["t_txt"][kk], step.cfg,
                                          self.dist)
             loss.backward()
-            all_reduce_grads(step._params, self.dist, average=False)
+            step.reduce_grads(average=False)      # the Fisher of the global batch, as in the steps
             self.awc.update_fisher()
         step.zero_grad()
 
