@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_grads, gather_rows  # noqa: E402
+from kill_hook import KILL_AT_STEP  # noqa: E402
 
 
 def free_port() -> int:
@@ -210,22 +211,12 @@ def test_tiny_preset_on_two_processes_matches_one(tmp_path):
         assert task_2_update > 0.1 and diff < 1e-3 * task_2_update, (method, diff, task_2_update)
 
 
-KILL_DRIVER = textwrap.dedent("""
-    import os, signal, sys
-    from gift_fast import step as step_mod
+KILL_DRIVER = KILL_AT_STEP + textwrap.dedent("""
     from gift_fast.cli.main import main
 
     kill_at = int(os.environ.get("KILL_AT", "0"))
     if kill_at > 0 and os.environ.get("RANK") == "0":     # the writer dies mid-task, with no cleanup
-        original, calls = step_mod.GiftStep.__call__, [0]
-
-        def counting(self, *a, **kw):
-            calls[0] += 1
-            if calls[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, *a, **kw)
-
-        step_mod.GiftStep.__call__ = counting
+        kill_at_step(kill_at)
     main()
 """)
 

@@ -11,26 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from kill_hook import KILL_AT_STEP
+
 torch = pytest.importorskip("torch")
 
 # The driver runs one configuration; with KILL_AT > 0 it SIGKILLs itself when the KILL_AT-th
-# training step of this process is about to run (a real kill: no cleanup, no finally blocks).
-DRIVER = textwrap.dedent("""
-    import json, os, signal, sys
-    from gift_fast import step as step_mod
+# training step of this process is about to run.
+DRIVER = KILL_AT_STEP + textwrap.dedent("""
+    import json, sys
     from gift_fast.train import TrainConfig, train
 
     cfg, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
     if kill_at > 0:
-        original, calls = step_mod.GiftStep.__call__, [0]
-
-        def counting(self, *a, **kw):
-            calls[0] += 1
-            if calls[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, *a, **kw)
-
-        step_mod.GiftStep.__call__ = counting
+        kill_at_step(kill_at)
     train(TrainConfig(**cfg))
 """)
 
