@@ -100,7 +100,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype losses are computed in: float32 for bf16 / fp16 / fp32 inputs, float64 stays."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -119,7 +120,7 @@ def alignment_targets(labels: torch.Tensor, label_smoothing: float, dtype: torch
 
 
 def _student_teacher_matrices(img_s, txt_s, img_t, txt_t, logit_scale, mode):
-    cdt = _compute_dtype(img_s)
+    cdt = compute_dtype(img_s)
     I, T = F.normalize(img_s.to(cdt), dim=-1), F.normalize(txt_s.to(cdt), dim=-1)
     It = F.normalize(img_t.detach().to(cdt), dim=-1)
     Tt = F.normalize(txt_t.detach().to(cdt), dim=-1)
@@ -217,7 +218,7 @@ def feature_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.
     features and averaged over the batch, image and text separately.
     """
     _check_embeddings(img_s=img_s, txt_s=txt_s, img_t=img_t, txt_t=txt_t)
-    cdt = _compute_dtype(img_s)
+    cdt = compute_dtype(img_s)
 
     def dist(s, t):
         d = F.normalize(s.to(cdt), dim=-1) - F.normalize(t.detach().to(cdt), dim=-1)

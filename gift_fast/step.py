@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_grads, gather_rows
 from gift_fast.evaluate import autocast
-from gift_fast.losses import feature_distill_loss, gift_distill_loss
+from gift_fast.losses import compute_dtype, feature_distill_loss, gift_distill_loss
 from gift_fast.text import encode_text
 
 DISTILL_MODES = ("contrastive", "image_only", "text_only", "kl", "feature", "none")
@@ -53,7 +53,7 @@ class StepConfig:
 def classification_loss(model, images, labels, class_tokens, cfg: StepConfig) -> torch.Tensor:
     """CE with label smoothing of ``s * n(f_img) @ n(f_txt)^T`` over the task's class prompts."""
     img, txt = model.encode_image(images), encode_text(model, class_tokens)
-    cdt = torch.promote_types(img.dtype, torch.float32)     # float32 under bf16 autocast; float64 stays
+    cdt = compute_dtype(img)
     img, txt = F.normalize(img.to(cdt), dim=-1), F.normalize(txt.to(cdt), dim=-1)
     logits = cfg.logit_scale * img @ txt.T
     return F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
