@@ -83,6 +83,12 @@ def cache(data_root, cache_dir, image_size, split_seed, split_record_dir, num_wo
     """Decode and resize every train and test image once into the cache (what training and the
     evaluations then read), so that the GPU run does not spend its time decoding JPEGs."""
     from gift_fast.data.mtil import build_task
+    from gift_fast.validation import OptionError, check_data_options
+
+    try:
+        check_data_options(image_size=image_size, num_workers=num_workers)
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
     for t in _resolve_tasks(tasks):
         try:
             spec = build_task(t, data_root, image_size=image_size, cache_dir=cache_dir, split_seed=split_seed,

@@ -20,7 +20,45 @@ COMMANDS = {
 }
 
 
+def expected_errors() -> tuple:
+    """Failures a user can fix (a bad file, a bad value, a full disk, a permission, a missing model): one line.
+
+    Anything else (a bug) keeps its traceback. ``EOFError`` is here because click would
+    otherwise read it as Ctrl-D and print only "Aborted!" (a truncated file raises it).
+    """
+    kinds = [OSError, ValueError, EOFError, FloatingPointError]
+    try:
+        from PIL import Image
+
+        kinds.append(Image.DecompressionBombError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(kinds)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, EOFError):
+        msg = f"a file ended early (truncated or empty): {msg}"
+    return msg
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        """Every command's expected failures become ``Error: <sentence>`` and exit status 1; set
+        GIFT_FAST_TRACEBACK=1 to see the traceback of those too."""
+        import os
+
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except expected_errors() as e:
+            if os.environ.get("GIFT_FAST_TRACEBACK") == "1":
+                raise
+            raise click.ClickException(_one_line(e)) from None
+
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 

@@ -23,6 +23,12 @@ def report(runs, markdown, no_seed_average):
 
     if markdown is None:
         markdown = os.path.join(runs[0], "report.md") if len(runs) == 1 and os.path.isdir(runs[0]) else "report.md"
+    from gift_fast.validation import OptionError, check_output_file
+
+    try:
+        check_output_file("--markdown/-o", markdown)     # before reading the runs
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
     try:
         text = make_report(list(runs), markdown=markdown, by_seed=not no_seed_average)
     except (ValueError, FileNotFoundError) as e:

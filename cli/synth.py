@@ -112,6 +112,13 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
     for name, v in (("--steps", steps), ("--images-per-task", images_per_task), ("--batch-size", batch_size)):
         if v < 1:
             raise click.BadParameter(f"{name} must be >= 1, got {v}")
+    from gift_fast.validation import OptionError, check_synth_options
+
+    try:   # every number before any work (--guidance nan would turn guidance off and write NaN)
+        check_synth_options(guidance=guidance, height=height, width=width, max_retries=max_retries,
+                            jpeg_quality=jpeg_quality, seed=seed, device=device)
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
 
     base = None
     try:

@@ -19,12 +19,13 @@ def _csv(value):
 
 
 def _seeds(value):
-    if value is None:
-        return None
+    from gift_fast.validation import OptionError, check_seeds
+
     try:
-        return [int(v) for v in _csv(value)]
-    except ValueError:
-        raise click.BadParameter(f"--seeds takes integers separated by commas, got {value!r}") from None
+        seeds = check_seeds(value)        # `--seeds ,` is an error, not the default
+    except OptionError as e:
+        raise click.BadParameter(str(e)) from None
+    return None if seeds is None else list(seeds)
 
 
 @click.command("train")
@@ -33,6 +34,8 @@ def _seeds(value):
 @click.option("--out", default=None, help="Run folder (several runs: one sub-folder each). Default runs/<preset or "
               "method>.")
 @click.option("--resume", is_flag=True, help="Continue the run(s) in --out after the last finished task.")
+@click.option("--force", is_flag=True, help="Let a new run go into a non-empty folder that is not a run (it still "
+              "refuses one holding any file the run writes, and never deletes a file it did not write).")
 # model
 @click.option("--model", default=None, help="open_clip architecture (default ViT-B-16) or a tiny one (toy-vit).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (default openai), a local checkpoint file, "
@@ -110,8 +113,8 @@ def _seeds(value):
 @click.option("--iterations", type=int, default=None, help="Class-incremental: iterations per step (default: one "
               "epoch of the step's training images).")
 # --- end class-incremental ---
-def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, benchmark, class_order, iterations,
-          **opts):
+def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, compile_, benchmark, class_order,
+          iterations, **opts):
     """Continual training of CLIP on a task sequence with GIFT (or a baseline), evaluation after every task.
 
     \b
@@ -154,9 +157,9 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
         if jobs not in (None, 1):
             raise click.UsageError(f"--jobs {jobs} runs several runs in worker processes; under torchrun every "
                                    f"process takes part in one run at a time: drop --jobs")
-        _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts)
+        _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, dict(opts, force=force))
         return
-    _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts)
+    _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, dict(opts, force=force))
 
 
 def _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts):
@@ -194,6 +197,10 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
         opts["data_cache"] = None
     methods = _csv(method)
     seed_list = _seeds(seeds)
+    from gift_fast.validation import check_int, check_order_and_tasks
+
+    check_int("--jobs", jobs, low=1)
+    check_order_and_tasks(opts.get("order"), opts.get("tasks"))
     try:
         if preset:
             runs = PRESET_RUNS[preset]
@@ -213,9 +220,15 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
         base = dataclasses.replace(base, out=out or default_out, resume=resume, plots=not no_plots,
                                    progress=not quiet)
         cfgs = plan_runs(base, methods, seed_list)
-        for c in cfgs:
-            c.method_spec()          # bad method / switch combinations fail before any work
-        run_many(cfgs, jobs=jobs, progress=not quiet)
+        _check_before_work(cfgs, base)   # every option and every run folder, before any work
+        parent_created = _mark_parent(cfgs, base)
+        try:
+            run_many(cfgs, jobs=jobs, progress=not quiet)
+        except BaseException:
+            from gift_fast.run_folder import remove_own_files
+
+            remove_own_files(__import__("pathlib").Path(base.out), parent_created)
+            raise
         if not write_report:
             return
         text = report([c.out for c in cfgs], markdown=os.path.join(base.out, "report.md"))
@@ -223,6 +236,37 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
         raise click.ClickException(str(e)) from None
     click.echo(text)
     click.echo(f"(written to {os.path.join(base.out, 'report.md')})", err=True)
+
+
+def _check_before_work(cfgs, base):
+    """Options of every run (ranges, combinations) and its folder (new: empty or a run, or --force), read-only."""
+    from pathlib import Path
+
+    from gift_fast.distributed import current
+    from gift_fast.run_folder import check_new_folder, is_run_folder
+    from gift_fast.validation import check_train_config
+
+    world = current().world_size
+    for c in cfgs:
+        check_train_config(c, world)
+        c.method_spec()          # bad method / switch combinations fail before any work
+        if not is_run_folder(Path(c.out)):
+            check_new_folder(Path(c.out), force=c.force)
+    if len(cfgs) > 1 and not base.resume and not is_run_folder(Path(base.out)):
+        # the folder of several runs: the same rule (it holds the runs' folders and report.md)
+        check_new_folder(Path(base.out), force=base.force)
+
+
+def _mark_parent(cfgs, base) -> bool:
+    """Mark the folder that holds several runs (True when this command created it)."""
+    from pathlib import Path
+
+    from gift_fast.distributed import current
+    from gift_fast.run_folder import mark
+
+    if len(cfgs) <= 1 or not current().is_main:
+        return False
+    return mark(Path(base.out), kind="runs")
 
 
 @click.command("eval")
@@ -246,7 +290,10 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
     from gift_fast.evaluate import evaluate_tasks
     from gift_fast.models import atomic_write_text
     from gift_fast.train import TrainConfig, build_task_list, load_bundle, preset_config
+    from gift_fast.validation import check_eval_options, check_train_config
 
+    # before any work: the values, and that --out can be written (not after the whole evaluation)
+    check_eval_options(batch_size=batch_size, device=device, out=out, order=order, tasks=_csv(tasks))
     try:
         kw = dict(model=model, pretrained=pretrained, order=order, tasks=_csv(tasks), data_root=data_root,
                   device=device, bf16=bf16, progress=not quiet)
@@ -261,16 +308,24 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
             kw.setdefault("data_root", MTIL_DEFAULTS["data_root"])
             kw.setdefault("data_cache", MTIL_DEFAULTS["data_cache"])
             cfg = TrainConfig(**kw)
+        check_train_config(cfg)
+        if cfg.pretrained and os.path.isfile(cfg.pretrained):
+            from gift_fast.run_folder import verify_if_run_checkpoint
+
+            verify_if_run_checkpoint(cfg.pretrained)   # a run's checkpoint: its recorded sha256
         dist, dev = init_from_env(cfg.device)   # under torchrun each process scores a share of every test set
         try:
             with main_first(dist):
                 bundle = load_bundle(cfg, dev)
+                from gift_fast.run_folder import finite_check
+
+                finite_check(bundle.model.named_parameters(), f"the model ({cfg.pretrained or 'random weights'})")
                 task_list = build_task_list(cfg, bundle)
             accs = evaluate_tasks(bundle.model, bundle.tokenizer, task_list, device=dev, bf16=cfg.bf16,
                                   batch_size=batch_size, progress=not quiet and dist.is_main, dist=dist)
         finally:
             shutdown()
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         raise click.ClickException(str(e)) from None
     if not dist.is_main:
         return

@@ -159,7 +159,12 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
     try:
         model, _, preprocess_val = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, cache_dir=cache_dir, **kwargs)
-    except RuntimeError as e:
+    except Exception as e:
+        if pretrained and os.path.isfile(pretrained):   # a local file that open_clip cannot read
+            raise ValueError(f"checkpoint {pretrained} for {model_name!r} cannot be read ({type(e).__name__}): it "
+                             f"is empty, truncated or not an open_clip checkpoint of this model") from None
+        if not isinstance(e, RuntimeError):
+            raise
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise RuntimeError(
             f"could not load {model_name!r} with pretrained={pretrained!r}: {e}\n"
@@ -188,24 +193,52 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str | Path,
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+    except Exception as e:               # safetensors reports a failed write as its own error type
+        tmp.unlink(missing_ok=True)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise write_error(path, OSError(str(e))) from None
     return path
+
+
+def write_error(path: str | Path, e: OSError) -> OSError:
+    """An OSError that names the file and the fix (a full disk or a permission says neither by itself)."""
+    import errno
+
+    why = e.strerror or str(e)
+    fix = {errno.ENOSPC: "free disk space or choose another folder",
+           errno.EDQUOT: "free disk space (quota) or choose another folder",
+           errno.EACCES: "fix the folder's permissions or choose another folder",
+           errno.EROFS: "the file system is read-only: choose another folder"}.get(e.errno, "choose another folder")
+    return OSError(e.errno, f"cannot write {path}: {why}; {fix}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_error(path, e) from None
     return path
 
 
@@ -219,11 +252,24 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    fix = ("it is empty, truncated or not a checkpoint: pass an intact .safetensors state dict or an open_clip "
+           "checkpoint (a run's checkpoints/*.safetensors)")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is an empty file: {fix}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except Exception as e:           # SafetensorError (header), or a short read of the data
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e}): {fix}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # (torch's own message for a pickle it refuses suggests weights_only=False: never do that for a file
+        # of unknown origin, so it is not repeated here)
+        kind = type(e).__name__
+        raise ValueError(f"checkpoint {path} cannot be read as a PyTorch state dict ({kind}): {fix}") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -272,4 +318,4 @@ def checkpoint_metadata(path: str | Path) -> Dict[str, Any]:
 
 __all__ = ["ClipBundle", "create_clip", "build_tiny_clip", "TINY_MODEL_CONFIGS", "is_tiny", "save_model",
            "load_weights", "read_state_dict", "check_state_dict", "atomic_save_safetensors", "atomic_write_text",
-           "checkpoint_metadata", "state_dict_fp32"]
+           "checkpoint_metadata", "state_dict_fp32", "write_error"]

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -223,6 +222,7 @@ class TrainConfig:
     checkpoint_every: int = 0          # in-task checkpoint every K steps (0: only at the end of each task)
     plots: bool = True
     label: Optional[str] = None        # name of the run in reports (default: the method's label)
+    force: bool = False                # a new run may go into a non-empty folder (gift_fast.run_folder)
 
     def method_spec(self) -> MethodSpec:
         return resolve_method(self.method, cd=self.cd, ita=self.ita, awc=self.awc, consolidation=self.consolidation,
@@ -232,7 +232,7 @@ class TrainConfig:
 # Fields that do not change a run's numbers (may differ between a run and its resume).
 _RESUME_FREE = {"out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers",
                 "eval_batch_size", "log_every", "keep_checkpoints", "plots", "label", "keep_synth",
-                "synth_batch_size", "data_cache", "checkpoint_every"}
+                "synth_batch_size", "data_cache", "checkpoint_every", "force"}
 
 
 def identity_of(cfg: TrainConfig) -> Dict[str, Any]:
@@ -436,8 +436,11 @@ class ContinualTrainer:
                  dist: Optional[DistContext] = None):
         from gift_fast.distributed import current
 
+        from gift_fast.validation import check_train_config
+
         self.cfg = cfg
         self.dist = dist if dist is not None else current()
+        check_train_config(cfg, self.dist.world_size)      # every option, before any work
         self.method = cfg.method_spec()
         if cfg.keep_checkpoints not in ("all", "last"):
             raise ValueError(f"keep_checkpoints must be 'all' or 'last', got {cfg.keep_checkpoints!r}")
@@ -454,15 +457,31 @@ class ContinualTrainer:
             raise ValueError("--bf16 needs a GPU with bfloat16 support")
         self.out = Path(cfg.out)
         self._check_synthetic_source()
+        self._lock, self._created_out, self._state, self._pointer = None, False, None, None
+        try:
+            self._prepare_folder()       # the run folder is checked, claimed and locked before any work
+            self._setup(cfg, tasks, bundle, generator)
+        except BaseException:
+            self._release()
+            if self.dist.is_main:         # a command that fails before any work leaves no folder behind
+                from gift_fast.run_folder import remove_own_files
+
+                remove_own_files(self.out, self._created_out)
+            raise
+
+    def _setup(self, cfg: TrainConfig, tasks, bundle, generator) -> None:
         from gift_fast.distributed import main_first
 
         with main_first(self.dist):      # several processes: rank 0 builds the caches, the others read them
             self.bundle = bundle if bundle is not None else load_bundle(cfg, self.device)
             self.bundle.model.to(self.device)
-            self.tasks = tasks if tasks is not None else build_task_list(cfg, self.bundle)
+            # MTIL's seeded splits are recorded in the run folder (and compared on resume)
+            self.tasks = tasks if tasks is not None else build_task_list(
+                cfg, self.bundle, split_record_dir=str(self.out) if self.dist.is_main else None)
         if not self.tasks:
             raise ValueError("the task sequence is empty")
         self._check_synthetic_folders()
+        self._synthetic_record = self._record_synthetic()
         self.generator = generator
         self.task_names = [t.name for t in self.tasks]
         if len(set(self.task_names)) != len(self.task_names):
@@ -487,6 +506,70 @@ class ContinualTrainer:
 
             compile_blocks(self.model, dynamic=None)
         self.log_path = self.out / "log.jsonl"
+        if (self.method.needs_synthetic and cfg.synth == "on-the-fly" and not cfg.reference_images
+                and (self._state is None or self._state["finished"] < len(self.tasks))):
+            self._get_generator()         # a missing Stable Diffusion model fails now, not after the zero-shot row
+
+    # ------------------------------------------------------------------ the run folder (gift_fast.run_folder)
+    def _prepare_folder(self) -> None:
+        """New run: the folder must be new, empty, a run that never finished a task, or --force'd (and then
+        hold none of the run's names). Resume: the state, checkpoints and pointer must be sound. Rank 0 takes
+        the lock; every process reads the same folder and reaches the same decision."""
+        from gift_fast import run_folder as rf
+
+        cfg, out = self.cfg, self.out
+        state = rf.read_state(out) if out.is_dir() else None
+        if state is not None and not cfg.resume and not rf.restartable(out, state):
+            raise FileExistsError(
+                f"{out} already holds a run ({state.get('finished', 0)} of {len(state.get('tasks', []))} tasks "
+                f"finished): pass --resume to continue it, or choose another --out")
+        restart = False
+        if state is not None and rf.restartable(out, state):
+            # nothing finished and no in-task checkpoint: resume only if the options are the same, else restart
+            same = state.get("identity") == json.loads(json.dumps(identity_of(cfg), default=str))
+            restart = not (cfg.resume and same)
+        if state is None and cfg.resume and (out / "checkpoints" / "in_task.json").is_file():
+            # a pointer without a state (the state is written before any step): check it before anything else
+            rf.read_in_task_pointer(out, steps=cfg.steps)
+        if state is None or restart:
+            rf.check_new_folder(out, force=cfg.force)
+        if self.dist.is_main:
+            self._created_out = rf.mark(out)
+            self._lock = rf.RunLock(out).acquire()
+            if restart:
+                self._note(f"{out}: restarting a run that failed before its first task")
+                rf.clear_for_restart(out)
+        self.dist.barrier()
+        self._state = None if restart else state
+        self._pointer = None
+        if self._state is not None:
+            rf.verify_task_checkpoints(out, self._state)
+            ptr = rf.read_in_task_pointer(out) if self._state["finished"] < len(self._state["tasks"]) else None
+            if ptr is not None and ptr["task_index"] == self._state["finished"]:
+                if not 0 < ptr["step"] < cfg.steps:
+                    raise ValueError(f"cannot resume {out}: its in-task checkpoint is at step {ptr['step']} of task "
+                                     f"{ptr['task_index'] + 1}, but a task now has {cfg.steps} steps")
+                self._pointer = ptr
+        elif cfg.resume and (out / "checkpoints" / "in_task.json").is_file():
+            self._pointer = rf.read_in_task_pointer(out, steps=cfg.steps)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _record_synthetic(self) -> Optional[Dict[str, Any]]:
+        """Fingerprints of the synthetic folders the run reads (a `gift-fast synth` folder), checked on resume."""
+        from gift_fast.run_folder import compare_synthetic, synthetic_fingerprint
+
+        cfg = self.cfg
+        if not self.method.needs_synthetic or cfg.reference_images or cfg.synth in (None, "on-the-fly"):
+            return None
+        record = {t.name: synthetic_fingerprint(cfg.synth, t.name) for t in self.tasks}
+        old = (self._state or {}).get("synthetic_fingerprints")
+        if old is not None:
+            compare_synthetic(old, record, cfg.synth, self._state_path())
+        return record
 
     # ------------------------------------------------------------------ setup helpers
     def _check_synthetic_source(self) -> None:
@@ -562,6 +645,11 @@ class ContinualTrainer:
             pool = build_class_pool(self._base_classnames(), [x.classnames for x in self.tasks[:t]])
             prompts = sample_prompts(pool, cfg.images_per_task, seed=self._synth_seed(), task_index=t)
             root = self.out / "synthetic"
+            if self.dist.is_main:          # writes (and later deletes) only a folder it created and marked
+                from gift_fast.run_folder import claim_synthetic_folder
+
+                claim_synthetic_folder(root / f"{task.name}_Syn")
+            self.dist.barrier()
             fmt = "png" if getattr(gen, "name", "") == "toy" else "jpeg"
             # each process generates its share (the engine's rank sharding); rank 0 writes the index
             synthesize_task(gen, task.name, prompts, root, seed=self._synth_seed(), task_index=t,
@@ -579,7 +667,9 @@ class ContinualTrainer:
 
     def _discard_synthetic(self, t: int) -> None:
         if self.cfg.synth == "on-the-fly" and not self.cfg.keep_synth and self.dist.is_main:
-            shutil.rmtree(self.out / "synthetic" / f"{self.tasks[t].name}_Syn", ignore_errors=True)
+            from gift_fast.run_folder import discard_synthetic_folder
+
+            discard_synthetic_folder(self.out / "synthetic" / f"{self.tasks[t].name}_Syn")
 
     def teacher_embeddings(self, distill_set, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The teacher's embeddings of the task's fixed distillation set, computed once per task."""
@@ -675,6 +765,7 @@ class ContinualTrainer:
                     sums[name] = sums[name] + v if name in sums else v
                 n_acc += 1
                 if (k + 1) % cfg.log_every == 0 or k + 1 == cfg.steps:
+                    self._check_finite_weights(t, k)     # the last step too: a NaN there is no finished run
                     now = time.perf_counter()
                     rec = self._log_record(t, k, sums, n_acc, optimizer, now - t_last, k + 1 - k_last)
                     bar.set_postfix({n: f"{v:.3f}" for n, v in rec.items() if n.startswith("loss")})
@@ -712,6 +803,16 @@ class ContinualTrainer:
             step.reduce_grads(average=False)      # the Fisher of the global batch, as in the steps
             self.awc.update_fisher()
         step.zero_grad()
+
+    def _check_finite_weights(self, t: int, k: int) -> None:
+        """The NaN guard on the weights (one host sync): a step can leave finite losses but NaN weights."""
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        raise FloatingPointError(
+            f"non-finite weights in task {t + 1} ({self.tasks[t].name}) after step {k + 1}: {bad[:3]}. "
+            f"Lower the learning rate (--lr) or check the data; with --bf16, try without it")
 
     def _log_record(self, t, k, sums, n, optimizer, dt, dk) -> Dict[str, Any]:
         if self.dist.enabled:            # the mean over processes (L_ce is per shard; the others agree anyway)
@@ -764,10 +865,14 @@ class ContinualTrainer:
             "model": self.bundle.model_name, "task_index": t, "task": self.tasks[t].name, "finished": True,
             "step": self.cfg.steps, "identity": hashlib.sha256(json.dumps(identity_of(self.cfg), sort_keys=True,
                                                                          default=str).encode()).hexdigest()})
+        from gift_fast.run_folder import inside, sha256_file
+
+        # the checksum goes into the file that points to the checkpoint (verified on resume and by eval)
+        state.setdefault("checksums", {})[state["checkpoints"][-1]] = sha256_file(path)
         write_json(self._state_path(), state)
         if self.cfg.keep_checkpoints == "last":
             for rel in state["checkpoints"][:-1]:
-                (self.out / rel).unlink(missing_ok=True)
+                inside(self.out, rel, self._state_path(), "checkpoint").unlink(missing_ok=True)
 
     # ---- in-task checkpoints (--checkpoint-every K) --------------------------------------------
     # Files: checkpoints/in_task_<task>_<step>.safetensors (model.* and awc.* tensors) and .pt
@@ -788,53 +893,72 @@ class ContinualTrainer:
         tensors = {f"model.{n}": v.detach().to("cpu").clone() for n, v in state_dict_fp32(self.model).items()}
         if self.awc is not None:
             tensors.update({f"awc.{n}": v.detach().to("cpu").clone() for n, v in self.awc.state_dict().items()})
-        atomic_save_safetensors(tensors, ckdir / f"{stem}.safetensors")
+        atomic_save_safetensors(tensors, ckdir / f"{stem}.safetensors",
+                                metadata={"task_index": json.dumps(t), "step": json.dumps(k)})
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rest = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                 "task_index": t, "step": k}
         tmp = ckdir / f"{stem}.pt.tmp{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            torch.save(rest, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(rest, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            from gift_fast.models import write_error
+
+            raise write_error(ckdir / f"{stem}.pt", e) from None
         os.replace(tmp, ckdir / f"{stem}.pt")
+        from gift_fast.run_folder import IN_TASK_STEM, sha256_file
+
         old = self._read_in_task_pointer()
-        write_json(self._in_task_pointer(), {"task_index": t, "task": self.tasks[t].name, "step": k, "stem": stem})
-        if old is not None and old.get("stem") != stem:
-            for ext in (".safetensors", ".pt"):
-                (ckdir / f"{old['stem']}{ext}").unlink(missing_ok=True)
+        sums = {ext: sha256_file(ckdir / f"{stem}{ext}") for ext in (".safetensors", ".pt")}
+        write_json(self._in_task_pointer(), {"task_index": t, "task": self.tasks[t].name, "step": k, "stem": stem,
+                                             "sha256": sums})
+        old_stem = old.get("stem") if isinstance(old, dict) else None
+        if isinstance(old_stem, str) and IN_TASK_STEM.match(old_stem) and old_stem != stem:
+            for ext in (".safetensors", ".pt"):     # only a name of ours, inside checkpoints/
+                (ckdir / f"{old_stem}{ext}").unlink(missing_ok=True)
 
     def _read_in_task_pointer(self) -> Optional[Dict[str, Any]]:
         p = self._in_task_pointer()
         if not p.is_file():
             return None
-        with open(p) as fh:
-            return json.load(fh)
+        try:
+            with open(p) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None                   # replaced by the pointer being written
 
     def _load_in_task(self, t: int, optimizer, scheduler) -> int:
         """Restore the in-task checkpoint of task ``t`` if ``--resume`` found one; the step to start at."""
         if not self.cfg.resume:
             return 0
-        ptr = self._read_in_task_pointer()
+        # the pointer was checked and its files verified (sha256) by _prepare_folder, before any work
+        ptr = self._pointer
         if ptr is None or ptr.get("task_index") != t or ptr.get("task") != self.tasks[t].name:
             self._trim_log(t, 0)          # the task starts over: drop what a killed attempt logged
             return 0
+        self._pointer = None              # used once
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         from gift_fast.models import load_weights
+        from gift_fast.run_folder import check_in_task_files
 
         k = int(ptr["step"])
-        if not 0 < k < self.cfg.steps:
-            raise ValueError(f"cannot resume {self.out}: its in-task checkpoint is at step {k} of task {t + 1}, "
-                             f"but a task now has {self.cfg.steps} steps")
         ckdir = self.out / "checkpoints"
         tensors = load_file(str(ckdir / f"{ptr['stem']}.safetensors"))
+        with safe_open(str(ckdir / f"{ptr['stem']}.safetensors"), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        rest = torch.load(ckdir / f"{ptr['stem']}.pt", map_location="cpu", weights_only=True)
+        check_in_task_files(self._in_task_pointer(), ptr, meta, rest)
         load_weights(self.model, {n[len("model."):]: v for n, v in tensors.items() if n.startswith("model.")})
         if self.awc is not None:
             self.awc.load_state_dict({n[len("awc."):]: v for n, v in tensors.items() if n.startswith("awc.")})
-        rest = torch.load(ckdir / f"{ptr['stem']}.pt", map_location="cpu", weights_only=True)
         optimizer.load_state_dict(rest["optimizer"])
         scheduler.load_state_dict(rest["scheduler"])
         torch.set_rng_state(rest["rng"]["cpu"])
@@ -891,12 +1015,14 @@ class ContinualTrainer:
 
     # ------------------------------------------------------------------ the whole run
     def run(self) -> Dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self._release()
+
+    def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        state = self._load_state()
-        if state is not None and not cfg.resume:
-            raise FileExistsError(
-                f"{self.out} already holds a run ({state.get('finished', 0)} of {len(state.get('tasks', []))} tasks "
-                f"finished): pass --resume to continue it, or choose another --out")
+        state = self._state              # read, checked and verified by _prepare_folder
         self.dist.barrier()              # every process has read the folder before rank 0 writes to it
         main = self.dist.is_main
         self.out.mkdir(parents=True, exist_ok=True)
@@ -904,8 +1030,9 @@ class ContinualTrainer:
             self._check_resumable(state)
             if state["finished"] > 0:
                 from gift_fast.models import load_weights
+                from gift_fast.run_folder import inside
 
-                load_weights(self.model, self.out / state["checkpoints"][-1])
+                load_weights(self.model, inside(self.out, state["checkpoints"][-1], self._state_path(), "checkpoint"))
             self._note(f"resuming {self.out} after task {state['finished']} of {len(self.tasks)}")
         else:
             if main:
@@ -923,7 +1050,9 @@ class ContinualTrainer:
                 write_json(self.out / "config.json", config)
             zero_shot = self.evaluate_all()
             state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
-                     "finished": 0, "checkpoints": [], "tasks_info": []}
+                     "finished": 0, "checkpoints": [], "checksums": {}, "tasks_info": []}
+            if self._synthetic_record is not None:
+                state["synthetic_fingerprints"] = self._synthetic_record
             if main:
                 write_json(self._state_path(), state)
             self._write_results(state)
@@ -994,8 +1123,11 @@ def load_bundle(cfg: TrainConfig, device: torch.device):
     return create_clip(cfg.model, cfg.pretrained, device=device)
 
 
-def build_task_list(cfg: TrainConfig, bundle) -> list:
-    """The TaskSpecs of the run: the toy world's (``cfg.toy`` or toy task names) or MTIL's."""
+def build_task_list(cfg: TrainConfig, bundle, split_record_dir: Optional[str] = None) -> list:
+    """The TaskSpecs of the run: the toy world's (``cfg.toy`` or toy task names) or MTIL's.
+
+    ``split_record_dir``: where MTIL's seeded splits are recorded (the run folder), or compared
+    with the record already there (gift_fast.data.mtil.open_splits)."""
     from gift_fast.data.toy import DEFAULT_TOY_ORDER, TOY_TASKS, toy_tasks
 
     if cfg.toy or (cfg.tasks and all(n in TOY_TASKS for n in cfg.tasks)):
@@ -1020,11 +1152,14 @@ def build_task_list(cfg: TrainConfig, bundle) -> list:
     from gift_fast.data.mtil import build_tasks
 
     return build_tasks(names, cfg.data_root, image_size=bundle.image_size, mean=bundle.mean, std=bundle.std,
-                       cache_dir=cfg.data_cache, progress=cfg.progress)
+                       cache_dir=cfg.data_cache, progress=cfg.progress, split_record_dir=split_record_dir)
 
 
 def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:
     """Run (or resume) one continual run; returns its metrics (see ``gift_fast.metrics``)."""
+    from gift_fast.validation import check_train_config
+
+    check_train_config(cfg)              # before the thread count or anything else changes
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -11,8 +11,9 @@ Files, in ``cache_dir``, for a cache named NAME with key KEY:
 
 * ``NAME-KEY.images.npy``: uint8 ``[N, 3, S, S]`` (a .npy file: header + raw rows, memory-mapped);
 * ``NAME-KEY.labels.npy``: int64 ``[N]``;
-* ``NAME-KEY.json``: what the key was made of, the shape, and a checksum of the last image row.
-  Written last: a cache without it is unfinished and is rebuilt.
+* ``NAME-KEY.crc32.npy``: uint32 ``[N]``, the CRC-32 of every image row;
+* ``NAME-KEY.json``: what the key was made of, the shape, the sha256 of the labels and the
+  checksum of the last image row. Written last: a cache without it is unfinished and is rebuilt.
 
 KEY is a hash of the cache format version, the transform description (image size,
 filter, crop) and the caller's ``key_parts`` (for the MTIL data sets: data set, split,
@@ -21,8 +22,11 @@ labels), so a change of transform or of the source files gives a new cache. Ever
 file is written to a temporary name and moved into place with ``os.replace``; an
 interrupted build leaves no file that could be mistaken for a finished cache.
 Opening a cache checks the .npy header (dtype, shape), the file size (a truncated
-file is detected), the label count and the last row's checksum; a cache that fails
-is rebuilt, with a warning.
+file is detected), the label count, the labels' sha256 and the last row's checksum; a cache that fails
+is rebuilt, with a warning. Every other row is checked against its CRC-32 the first
+time it is read (per process): a damaged row is an error naming the file and the row,
+never silently wrong pixels. (Reading all rows at open would cost a full pass over
+the file each run; the first read costs one CRC per row, once.)
 
 Two ways to read it:
 
@@ -146,6 +150,10 @@ class _Uint8View(Dataset):
         return img, int(label)
 
 
+class CacheIntegrityError(ValueError):
+    """A cached row that does not match its checksum (names the file and the row)."""
+
+
 def _row_checksum(row: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row).tobytes())
 
@@ -199,6 +207,7 @@ class CachedImageDataset(Dataset):
         os.makedirs(self.cache_dir, exist_ok=True)
         stem = os.path.join(self.cache_dir, f"{safe}-{self.key}")
         self.images_path, self.labels_path, self.meta_path = stem + ".images.npy", stem + ".labels.npy", stem + ".json"
+        self.crc_path = stem + ".crc32.npy"
         self.built = False          # True when this object built the cache (a miss)
         self._mm = None
         problem = self._validate()
@@ -211,6 +220,8 @@ class CachedImageDataset(Dataset):
             if problem is not None:
                 raise RuntimeError(f"the cache just written to {stem}.* does not validate: {problem}")
         self.labels = np.load(self.labels_path)
+        self._crc = np.load(self.crc_path)
+        self._verified = np.zeros(len(self.labels), dtype=bool)   # rows whose CRC was checked in this process
 
     # -- validation / opening
     def _validate(self) -> Optional[str]:
@@ -236,6 +247,13 @@ class CachedImageDataset(Dataset):
             labels = np.load(self.labels_path)
             if labels.shape != (n,) or labels.dtype != np.int64:
                 return f"labels are {labels.shape} {labels.dtype}, expected ({n},) int64"
+            if "labels_sha256" not in meta or not os.path.exists(self.crc_path):
+                return "it was made before per-row checksums"
+            if hashlib.sha256(labels.tobytes()).hexdigest() != meta["labels_sha256"]:
+                return "the labels do not match their checksum"
+            crc = np.load(self.crc_path)
+            if crc.shape != (n,) or crc.dtype != np.uint32:
+                return f"row checksums are {crc.shape} {crc.dtype}, expected ({n},) uint32"
             if n and _row_checksum(self._open()[n - 1]) != meta["last_row_crc32"]:
                 return "the last image row does not match its checksum"
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
@@ -280,10 +298,12 @@ class CachedImageDataset(Dataset):
         check_free_space(self.cache_dir, n * 3 * s * s + 8 * n, what=f"caching {self.name} ({n} images at {s}px)")
         tag = f".tmp-{os.getpid()}"
         tmp_images, tmp_labels, tmp_meta = self.images_path + tag, self.labels_path + tag, self.meta_path + tag
+        tmp_crc = self.crc_path + tag
         try:
             # A .npy from the start, so that the finished file is this one, renamed.
             images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
             labels = np.empty(n, dtype=np.int64)
+            crc = np.empty(n, dtype=np.uint32)
             loader = DataLoader(_Uint8View(source, s), batch_size=batch_size, shuffle=False,
                                 num_workers=num_workers, collate_fn=_collate_uint8)
             pos = 0
@@ -291,8 +311,10 @@ class CachedImageDataset(Dataset):
                 for x, y in loader:
                     if x.shape[1:] != (3, s, s):
                         raise ValueError(f"source image {pos} became {tuple(x.shape[1:])}, expected (3, {s}, {s})")
-                    images[pos:pos + len(x)] = x.numpy()
+                    xs = x.numpy()
+                    images[pos:pos + len(x)] = xs
                     labels[pos:pos + len(y)] = y.numpy()
+                    crc[pos:pos + len(x)] = [_row_checksum(r) for r in xs]
                     pos += len(x)
                     bar.update(len(x))
             if pos != n:
@@ -302,16 +324,20 @@ class CachedImageDataset(Dataset):
             del images
             with open(tmp_labels, "wb") as f:
                 np.save(f, labels)
+            with open(tmp_crc, "wb") as f:
+                np.save(f, crc)
             meta = {"version": CACHE_FORMAT_VERSION, "key": self.key, "n": n, "image_size": s,
-                    "transform": transform_description(s), "key_parts": key_parts, "last_row_crc32": last_crc}
+                    "transform": transform_description(s), "key_parts": key_parts, "last_row_crc32": last_crc,
+                    "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
             with open(tmp_meta, "w") as f:
                 json.dump(meta, f, indent=1, default=str)
             os.replace(tmp_images, self.images_path)
             os.replace(tmp_labels, self.labels_path)
+            os.replace(tmp_crc, self.crc_path)
             os.replace(tmp_meta, self.meta_path)      # last: its presence marks a finished cache
             self.built = True
         finally:
-            for p in (tmp_images, tmp_labels, tmp_meta):
+            for p in (tmp_images, tmp_labels, tmp_meta, tmp_crc):
                 if os.path.exists(p):
                     os.remove(p)
 
@@ -323,8 +349,23 @@ class CachedImageDataset(Dataset):
         n = len(self.labels)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} cached images")
-        x = torch.from_numpy(np.array(self._open()[i]))
+        row = np.array(self._open()[i])
+        self._verify_rows(np.array([i % n]), row[None])
+        x = torch.from_numpy(row)
         return normalize_uint8(x, self.mean, self.std), int(self.labels[i])
+
+    def _verify_rows(self, idx: np.ndarray, rows: np.ndarray) -> None:
+        """Check rows read for the first time in this process against their CRC-32 (once per row)."""
+        todo = np.flatnonzero(~self._verified[idx])
+        for j in todo:
+            i = int(idx[j])
+            if self._verified[i]:
+                continue                  # a repeated index of this batch
+            if _row_checksum(rows[j]) != int(self._crc[i]):
+                raise CacheIntegrityError(
+                    f"cache {self.images_path}: image row {i} does not match its checksum (the file was changed or "
+                    f"the disk damaged it): delete {self.meta_path} and the cache is rebuilt on the next run")
+            self._verified[i] = True
 
     def get_batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``[B, 3, S, S]`` and int64 ``[B]`` for ``indices`` (any order, repeats allowed), read
@@ -336,6 +377,7 @@ class CachedImageDataset(Dataset):
         idx = np.where(idx < 0, idx + n, idx)
         order = np.argsort(idx, kind="stable")
         rows = self._open()[idx[order]]                 # sorted gather: sequential reads
+        self._verify_rows(idx[order], rows)
         out = np.empty_like(rows)
         out[order] = rows
         return torch.from_numpy(out), torch.from_numpy(self.labels[idx].copy())

@@ -72,8 +72,13 @@ def _read_images(paths: Sequence[Path], size: int, progress: bool, desc: str) ->
     from tqdm.auto import tqdm
 
     def load(p: Path) -> np.ndarray:
-        with Image.open(p) as im:
-            return _resize_center_crop(im, size)
+        try:
+            with Image.open(p) as im:
+                return _resize_center_crop(im, size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # (a damaged file, not an image, or a "decompression bomb": huge dimensions in a small file)
+            raise ValueError(f"cannot read image {p} ({type(e).__name__}: {e}): replace or remove it (and its "
+                             f"row in image_text.csv), or generate the folder again") from None
 
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -120,7 +125,13 @@ def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: i
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or not {"image", "text"} <= set(reader.fieldnames):
             raise ValueError(f"{csv_path} must have the header 'image,text', got {reader.fieldnames}")
-        rows = [(r["image"], r["text"]) for r in reader]
+        rows = []
+        for r in reader:
+            if r.get("image") in (None, "") or r.get("text") is None:
+                raise ValueError(f"{csv_path}, line {reader.line_num}: a row needs an image and a text (got "
+                                 f"{[v for v in r.values() if v is not None]}): fix the row or generate the "
+                                 f"folder again with `gift-fast synth`")
+            rows.append((r["image"], r["text"]))
     if limit is not None:
         if limit <= 0:
             raise ValueError(f"images_per_task must be positive, got {limit}")
@@ -177,4 +188,11 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
     return DistillSet(images, labels, prompts, source=str(root))
 
 
-__all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "synthetic_folder"]
+def synthetic_fingerprint(root: str | os.PathLike, task_name: str) -> dict:
+    """sha256 of ``<root>/<task>_Syn``'s manifest.json and image_text.csv (what a resume compares)."""
+    from gift_fast.run_folder import synthetic_fingerprint as fingerprint
+
+    return fingerprint(root, task_name)
+
+
+__all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "synthetic_folder", "synthetic_fingerprint"]

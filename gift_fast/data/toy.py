@@ -531,10 +531,27 @@ def pretrained_toy_clip_path(model_name: str = "toy-vit", cfg: Optional[ToyPretr
 
     cfg = cfg or ToyPretrainConfig(model_name=model_name)
     path = cache_root() / "toy" / f"{model_name}-{pretrain_key(cfg)}.safetensors"
+    if path.exists() and not _readable_safetensors(path):
+        import warnings
+
+        warnings.warn(f"the cached toy CLIP {path} is unreadable (truncated or damaged): pre-training it again",
+                      RuntimeWarning)
+        path.unlink()
     if not path.exists():
         model = pretrain_toy_clip(cfg, progress=progress)
         save_model(model, path, metadata={"toy_pretrain": dataclasses_asdict(cfg), "world_version": WORLD_VERSION})
     return path
+
+
+def _readable_safetensors(path: Path) -> bool:
+    """The whole file loads (a tiny model: milliseconds), so a truncated cache file is rebuilt, not an error."""
+    from safetensors.torch import load_file
+
+    try:
+        load_file(str(path))
+    except Exception:
+        return False
+    return True
 
 
 def dataclasses_asdict(obj) -> dict:

@@ -1,0 +1,379 @@
+"""The run folder's rules: it is the run's alone, nothing read from it leaves it, what it holds is verified.
+
+A run folder (``gift-fast train --out DIR``) holds::
+
+    .gift-fast-run              marker: this folder is a gift-fast run (written first)
+    .gift-fast-lock             lock of the process working in it (flock: released when the process dies)
+    config.json state.json log.jsonl metrics.json acc_matrix.csv *.png report.md <Task>-split.json
+    checkpoints/                task checkpoints, the in-task pair and its pointer in_task.json
+    synthetic/<Task>_Syn/       on-the-fly synthesis (each folder marked .gift-fast-synthetic)
+
+Rules (each one answers a way a folder was damaged or misused):
+
+* A new run refuses a non-empty folder that is not a run (a user's files would be
+  replaced). ``--force`` adds the run to such a folder, but only when none of the
+  names the run writes exist there: it never replaces or deletes a file it did not write.
+* A folder left by a run that failed before finishing its first task (no finished
+  task, no in-task checkpoint) holds nothing worth keeping: a new command restarts it.
+* Every path read from ``state.json`` / ``in_task.json`` is resolved inside the folder;
+  an absolute path, a ``..`` or a link that leads out is refused (resuming a crafted
+  folder must not load or delete files elsewhere).
+* Checkpoints carry a sha256 in the file that points to them (``state.json`` for task
+  checkpoints, ``in_task.json`` for the in-task pair); it is verified before a resume
+  uses them, and by ``gift-fast eval`` on a run's checkpoint. The pointer and its
+  files must agree on task and step.
+* One process at a time: a second process resuming the same run refuses (lock file).
+* What the run trained on is recorded and compared on resume: the synthetic folders'
+  fingerprints here, the seeded data splits as ``<Task>-split.json`` (gift_fast.data.mtil).
+
+Errors are ``RunFolderError`` (a ``ValueError``), each naming the file and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+MARKER = ".gift-fast-run"
+LOCK = ".gift-fast-lock"
+SYNTHETIC_MARKER = ".gift-fast-synthetic"
+# Names a run writes at the top of its folder (plus <Task>-split.json): --force refuses a folder holding any.
+RUN_NAMES = ("config.json", "state.json", "log.jsonl", "metrics.json", "acc_matrix.csv", "acc_matrix.png",
+             "acc_curves.png", "report.md", "checkpoints", "synthetic")
+IN_TASK_STEM = re.compile(r"^in_task_\d{2,}_step\d{6,}$")
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked; the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- checksums
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path, expected: Optional[str], pointer: Path) -> None:
+    """Refuse a file whose sha256 differs from the one ``pointer`` recorded (or that is missing)."""
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing, but {pointer} names it: the run folder is incomplete; restore the "
+                             f"file or start a new run (another --out)")
+    if not isinstance(expected, str):
+        raise RunFolderError(f"{pointer} records no checksum for {path.name} (written by an older gift-fast, or "
+                             f"edited): the file cannot be verified; start a new run (another --out)")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise RunFolderError(f"{path} does not match the checksum recorded in {pointer} (the file was changed or "
+                             f"damaged on disk): restore it or start a new run (another --out)")
+
+
+# ----------------------------------------------------------------------------- paths
+def inside(root: Path, rel: Any, source: Path, what: str = "path") -> Path:
+    """``root / rel`` if it stays inside ``root`` (links resolved); else a clear refusal naming ``source``."""
+    if not isinstance(rel, str) or not rel:
+        raise RunFolderError(f"{source}: the {what} {rel!r} is not a file name inside the run folder")
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise RunFolderError(f"{source} names {rel!r}, a {what} outside the run folder {root}: a run only reads "
+                             f"and deletes its own files; the file was edited or does not belong to this run")
+    full = root / p
+    real_root = root.resolve()
+    real = full.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise RunFolderError(f"{source} names {rel!r}, which leads out of the run folder {root} (through a link): "
+                             f"a run only reads and deletes its own files")
+    return full
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """JSON of a run file, or a clear error naming it (truncated, not JSON)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFolderError(f"{path} is not valid JSON ({e}): the {what} is damaged; restore it or start a new run "
+                             f"(another --out)") from None
+
+
+# ----------------------------------------------------------------------------- the folder
+def is_run_folder(folder: Path) -> bool:
+    """A gift-fast run: the marker, or (runs of older versions) a state.json."""
+    return (folder / MARKER).is_file() or (folder / "state.json").is_file()
+
+
+def _entries(folder: Path) -> List[str]:
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def check_new_folder(folder: Path, force: bool = False) -> None:
+    """May a new run write into ``folder``? (read-only; ``mark`` then claims it)."""
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out {folder} is a file, not a folder: choose another --out")
+    entries = _entries(folder)
+    if not entries or is_run_folder(folder):
+        return
+    if not force:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise RunFolderError(f"--out {folder} is not empty ({shown}) and is not a gift-fast run folder: choose a new "
+                             f"or empty folder, or pass --force to add the run to it (--force never replaces or "
+                             f"deletes a file the run did not write)")
+    clash = [e for e in entries if e in RUN_NAMES or e.endswith("-split.json") or e == LOCK]
+    if clash:
+        raise RunFolderError(f"--force: --out {folder} already holds {', '.join(clash)}, which the run would "
+                             f"replace: move them away or choose another --out")
+
+
+def mark(folder: Path, kind: str = "run") -> bool:
+    """Create ``folder`` if needed and write its marker; True when this call created the folder."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / MARKER
+    if not marker.is_file():
+        from gift_fast.models import atomic_write_text
+
+        atomic_write_text(marker, json.dumps({"gift_fast": kind, "format": 1}) + "\n")
+    return created
+
+
+def remove_own_files(folder: Path, created: bool) -> None:
+    """Undo ``mark`` (and the split records a failed start wrote) in a folder this command created."""
+    if not created or not folder.is_dir():
+        return
+    for e in _entries(folder):
+        if e in (MARKER, LOCK) or e.endswith("-split.json"):
+            (folder / e).unlink(missing_ok=True)
+    try:
+        folder.rmdir()                    # only if nothing else is there
+    except OSError:
+        pass
+
+
+def restartable(folder: Path, state: Optional[Dict[str, Any]]) -> bool:
+    """A run that finished no task and holds no in-task checkpoint: nothing in it is worth keeping."""
+    if not is_run_folder(folder):
+        return False
+    if state is not None and int(state.get("finished") or 0) > 0:
+        return False
+    return not (folder / "checkpoints" / "in_task.json").exists()
+
+
+def clear_for_restart(folder: Path) -> None:
+    """Remove the files of a run that failed before its first task (only names the run writes)."""
+    for name in ("state.json", "log.jsonl", "metrics.json", "acc_matrix.csv", "config.json"):
+        (folder / name).unlink(missing_ok=True)
+    for e in _entries(folder):
+        if e.endswith("-split.json"):
+            (folder / e).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.gift-fast-lock`` (the kernel drops it when the process dies)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise RunFolderError(f"{self.path.parent} is in use by another gift-fast process (pid {pid}, lock "
+                                 f"{self.path}): wait for it to end, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ----------------------------------------------------------------------------- state and pointer
+def read_state(folder: Path) -> Optional[Dict[str, Any]]:
+    p = folder / "state.json"
+    if not p.is_file():
+        return None
+    state = read_json_file(p, "run state")
+    need = {"tasks": list, "finished": int, "checkpoints": list, "acc": list}
+    bad = [k for k, t in need.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if bad:
+        raise RunFolderError(f"{p} lacks valid {', '.join(bad)}: the run state is damaged; start a new run "
+                             f"(another --out)")
+    return state
+
+
+def verify_task_checkpoints(folder: Path, state: Dict[str, Any]) -> Optional[Path]:
+    """Every listed checkpoint path stays inside; the one a resume loads (the last) matches its checksum.
+
+    Returns the path of the last checkpoint (None when no task is finished)."""
+    src = folder / "state.json"
+    paths = [inside(folder, rel, src, "checkpoint") for rel in state["checkpoints"]]
+    if state["finished"] > 0:
+        if len(paths) < 1:
+            raise RunFolderError(f"{src} says {state['finished']} tasks are finished but lists no checkpoint: the "
+                                 f"run state is damaged; start a new run (another --out)")
+        last = paths[-1]
+        verify_checksum(last, (state.get("checksums") or {}).get(state["checkpoints"][-1]), src)
+        return last
+    return None
+
+
+def read_in_task_pointer(folder: Path, steps: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """``checkpoints/in_task.json`` checked: its fields, a stem inside the folder, files with their checksums
+    (``steps``: a task's length now; the pointer's step must lie inside it)."""
+    p = folder / "checkpoints" / "in_task.json"
+    if not p.is_file():
+        return None
+    ptr = read_json_file(p, "in-task checkpoint pointer")
+    fix = "the in-task checkpoint is damaged: delete checkpoints/in_task* to resume from the last finished task"
+    if not isinstance(ptr, dict):
+        raise RunFolderError(f"{p} is not a JSON object: {fix}")
+    for key, kind in (("task_index", int), ("step", int), ("stem", str), ("task", str)):
+        v = ptr.get(key)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise RunFolderError(f"{p}: {key!r} is {v!r}, expected {'an integer' if kind is int else 'a name'}: {fix}")
+    if steps is not None and not 0 < ptr["step"] < steps:
+        raise RunFolderError(f"cannot resume {folder}: its in-task checkpoint is at step {ptr['step']} of task "
+                             f"{ptr['task_index'] + 1}, but a task now has {steps} steps ({p})")
+    if not IN_TASK_STEM.match(ptr["stem"]):
+        raise RunFolderError(f"{p} names {ptr['stem']!r}, not an in-task checkpoint of this folder "
+                             f"(in_task_<task>_step<step>): {fix}")
+    want = in_task_stem(ptr["task_index"], ptr["step"])
+    if ptr["stem"] != want:
+        raise RunFolderError(f"{p} says task {ptr['task_index'] + 1} step {ptr['step']}, but names the files "
+                             f"{ptr['stem']}.* (expected {want}.*): {fix}")
+    ckdir = folder / "checkpoints"
+    sums = ptr.get("sha256") or {}
+    for ext in (".safetensors", ".pt"):
+        f = inside(folder, f"checkpoints/{ptr['stem']}{ext}", p, "checkpoint")
+        verify_checksum(f, sums.get(ext), p)
+    ptr["_dir"] = str(ckdir)
+    return ptr
+
+
+def in_task_stem(task_index: int, step: int) -> str:
+    return f"in_task_{task_index + 1:02d}_step{step:06d}"
+
+
+def check_in_task_files(pointer_path: Path, ptr: Dict[str, Any], tensors_meta: Dict[str, str],
+                        rest: Dict[str, Any]) -> None:
+    """The files' own task and step (safetensors metadata, the .pt's fields) equal the pointer's."""
+    fix = "delete checkpoints/in_task* to resume from the last finished task"
+    for what, t, k in (("the .pt file", rest.get("task_index"), rest.get("step")),
+                       ("the .safetensors metadata", _int(tensors_meta.get("task_index")),
+                        _int(tensors_meta.get("step")))):
+        if what.endswith("metadata") and t is None and k is None:
+            continue                       # written before the metadata was added: the .pt still agrees
+        if (t, k) != (ptr["task_index"], ptr["step"]):
+            raise RunFolderError(f"{pointer_path} says task {ptr['task_index'] + 1} step {ptr['step']}, but "
+                                 f"{what} of {ptr['stem']} holds task {None if t is None else t + 1} step {k}: {fix}")
+
+
+def _int(v: Optional[str]) -> Optional[int]:
+    try:
+        return int(json.loads(v)) if v is not None else None
+    except (ValueError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------- synthetic folders
+def synthetic_fingerprint(root: str | os.PathLike, task_name: str) -> Dict[str, Optional[str]]:
+    """sha256 of ``<root>/<task>_Syn``'s manifest.json and image_text.csv (None for an absent file)."""
+    folder = Path(root) / f"{task_name}_Syn"
+    return {name: (sha256_file(folder / name) if (folder / name).is_file() else None)
+            for name in ("manifest.json", "image_text.csv")}
+
+
+def compare_synthetic(recorded: Dict[str, Dict[str, Optional[str]]], now: Dict[str, Dict[str, Optional[str]]],
+                      root: str, state_path: Path) -> None:
+    """Refuse a resume whose synthetic folders differ from those the run started with, naming what changed."""
+    changed = []
+    for task, files in recorded.items():
+        for name, digest in files.items():
+            if now.get(task, {}).get(name) != digest:
+                changed.append(str(Path(root) / f"{task}_Syn" / name))
+    if changed:
+        raise RunFolderError(f"cannot resume: the synthetic data changed since the run started ({', '.join(changed)} "
+                             f"differ from what {state_path} recorded). Restore the folder the run started with, or "
+                             f"start a new run (another --out)")
+
+
+# ----------------------------------------------------------------------------- on-the-fly synthesis
+def claim_synthetic_folder(folder: Path) -> None:
+    """On-the-fly synthesis writes only into a folder it created (and marked), never into someone else's."""
+    if folder.exists() and not (folder / SYNTHETIC_MARKER).is_file():
+        if folder.is_dir() and not os.listdir(folder):
+            pass
+        else:
+            raise RunFolderError(f"{folder} exists and was not made by this run's on-the-fly synthesis: move it away "
+                                 f"(the run would write into it and delete it after the task)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SYNTHETIC_MARKER).touch()
+
+
+def discard_synthetic_folder(folder: Path) -> None:
+    """Delete an on-the-fly folder, only when it carries this run's marker."""
+    import shutil
+
+    if (folder / SYNTHETIC_MARKER).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- eval of a run's checkpoint
+def verify_if_run_checkpoint(path: str | os.PathLike) -> bool:
+    """When ``path`` is a checkpoint inside a run folder, verify it against the checksum recorded there.
+
+    True when it was verified; False for a file that is not a run's recorded checkpoint."""
+    p = Path(path)
+    if p.parent.name != "checkpoints":
+        return False
+    folder = p.parent.parent
+    state = read_state(folder) if (folder / "state.json").is_file() else None
+    if state is None:
+        return False
+    rel = f"checkpoints/{p.name}"
+    sums = state.get("checksums") or {}
+    if rel in sums:
+        verify_checksum(p, sums[rel], folder / "state.json")
+        return True
+    return False
+
+
+def finite_check(named: Iterable, source: str) -> None:
+    """Refuse non-finite floating tensors (a run that diverged, a damaged file): name the first few."""
+    import torch
+
+    bad = [n for n, v in named if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. "
+                                 f"{bad[:3]}: it comes from a run that diverged or the file is damaged; use another "
+                                 f"checkpoint")
+
+
+__all__ = ["RunFolderError", "MARKER", "LOCK", "SYNTHETIC_MARKER", "sha256_file", "verify_checksum", "inside",
+           "is_run_folder", "check_new_folder", "mark", "remove_own_files", "restartable", "clear_for_restart",
+           "RunLock", "read_state", "verify_task_checkpoints", "read_in_task_pointer", "in_task_stem",
+           "check_in_task_files", "synthetic_fingerprint", "compare_synthetic", "claim_synthetic_folder",
+           "discard_synthetic_folder", "verify_if_run_checkpoint", "finite_check"]
