@@ -146,6 +146,10 @@ def check_train_config(cfg, world_size: int = 1) -> None:
         raise OptionError(f"--model {cfg.model} has no toy pre-training: 'toy' weights exist only for the tiny "
                           f"models (the tiny preset's toy-vit). Drop --preset tiny (or --pretrained toy) to train "
                           f"{cfg.model}, or keep the preset's model")
+    if not is_tiny(cfg.model) and _toy_world(cfg):
+        raise OptionError(f"--model {cfg.model}: the toy world (--preset tiny, toy tasks) is made for the tiny "
+                          f"models ({', '.join(_tiny_names())}); drop --preset tiny / the toy --tasks to train "
+                          f"{cfg.model} on MTIL, or keep the preset's model")
     for name, b in (("--batch-size", cfg.batch_size), ("--syn-batch-size", cfg.syn_batch_size)):
         if b % world_size:
             raise OptionError(f"{name} {b} is the global batch and must split evenly over the {world_size} "
@@ -154,6 +158,18 @@ def check_train_config(cfg, world_size: int = 1) -> None:
         cfg.method_spec()
     except ValueError as e:
         raise OptionError(str(e)) from None
+
+
+def _toy_world(cfg) -> bool:
+    from gift_fast.data.toy import TOY_TASKS
+
+    return bool(cfg.toy or (cfg.tasks and all(n in TOY_TASKS for n in cfg.tasks)))
+
+
+def _tiny_names():
+    from gift_fast.models import TINY_MODEL_CONFIGS
+
+    return list(TINY_MODEL_CONFIGS)
 
 
 def check_seeds(value: Optional[str]) -> Optional[Tuple[int, ...]]:
