@@ -147,6 +147,11 @@ class CILTrainer(ContinualTrainer):
                  generator=None):
         self.cil = cil
         out = Path(cfg.out)
+        from gift_fast.run_folder import check_new_folder, is_run_folder, mark
+
+        if not is_run_folder(out):       # the benchmark writes its records into the folder: claim it first
+            check_new_folder(out, force=cfg.force)
+        mark(out)
         if bundle is None:
             bundle = load_bundle(cfg, resolve_device(cfg.device))
         if benchmark is None:
