@@ -148,9 +148,11 @@ def remove_own_files(folder: Path, created: bool) -> None:
     """Undo ``mark`` (and the split records a failed start wrote) in a folder this command created."""
     if not created or not folder.is_dir():
         return
-    for e in _entries(folder):
-        if e in (MARKER, LOCK) or e.endswith("-split.json"):
-            (folder / e).unlink(missing_ok=True)
+    entries = _entries(folder)
+    if any(not (e in (MARKER, LOCK) or e.endswith("-split.json")) for e in entries):
+        return                            # the run got further (or others wrote here): leave it marked
+    for e in entries:
+        (folder / e).unlink(missing_ok=True)
     try:
         folder.rmdir()                    # only if nothing else is there
     except OSError:
@@ -235,7 +237,10 @@ def verify_task_checkpoints(folder: Path, state: Dict[str, Any]) -> Optional[Pat
             raise RunFolderError(f"{src} says {state['finished']} tasks are finished but lists no checkpoint: the "
                                  f"run state is damaged; start a new run (another --out)")
         last = paths[-1]
-        verify_checksum(last, (state.get("checksums") or {}).get(state["checkpoints"][-1]), src)
+        if "checksums" not in state:      # a run started by a gift-fast without checksums: cannot verify
+            _legacy(src, last)
+        else:
+            verify_checksum(last, state["checksums"].get(state["checkpoints"][-1]), src)
         return last
     return None
 
@@ -265,12 +270,26 @@ def read_in_task_pointer(folder: Path, steps: Optional[int] = None) -> Optional[
         raise RunFolderError(f"{p} says task {ptr['task_index'] + 1} step {ptr['step']}, but names the files "
                              f"{ptr['stem']}.* (expected {want}.*): {fix}")
     ckdir = folder / "checkpoints"
-    sums = ptr.get("sha256") or {}
     for ext in (".safetensors", ".pt"):
         f = inside(folder, f"checkpoints/{ptr['stem']}{ext}", p, "checkpoint")
-        verify_checksum(f, sums.get(ext), p)
+        if "sha256" not in ptr:           # written by a gift-fast without checksums
+            _legacy(p, f)
+        elif not isinstance(ptr["sha256"], dict):
+            raise RunFolderError(f"{p}: 'sha256' is {ptr['sha256']!r}, expected the checksums of the files: {fix}")
+        else:
+            verify_checksum(f, ptr["sha256"].get(ext), p)
     ptr["_dir"] = str(ckdir)
     return ptr
+
+
+def _legacy(pointer: Path, path: Path) -> None:
+    import warnings
+
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing, but {pointer} names it: the run folder is incomplete; restore the "
+                             f"file or start a new run (another --out)")
+    warnings.warn(f"{pointer} records no checksums (a run started by an older gift-fast): {path.name} is used "
+                  f"without verification", RuntimeWarning)
 
 
 def in_task_stem(task_index: int, step: int) -> str:

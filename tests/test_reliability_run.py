@@ -164,6 +164,15 @@ def test_bit_flip_in_a_task_checkpoint_is_refused(killed_run, tmp_path):
         resume(run)
 
 
+def test_a_run_from_before_checksums_resumes_with_a_warning(killed_run, tmp_path):
+    run = copy_of(killed_run, tmp_path)
+    edit_json(run / "state.json", lambda s: s.pop("checksums"))
+    edit_json(run / "checkpoints" / "in_task.json", lambda p: p.pop("sha256"))
+    with pytest.warns(RuntimeWarning, match="records no checksums"):
+        metrics = resume(run)
+    assert metrics is not None and len(json.loads((run / "state.json").read_text())["acc"]) == 2
+
+
 def test_eval_refuses_a_damaged_run_checkpoint(killed_run, tmp_path):
     from click.testing import CliRunner
 

@@ -155,7 +155,8 @@ class CacheIntegrityError(ValueError):
 
 
 def _row_checksum(row: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(row).tobytes())
+    # (a view of the row's bytes, no copy; zlib releases the GIL, so the prefetch thread overlaps it)
+    return zlib.crc32(memoryview(np.ascontiguousarray(row)).cast("B"))
 
 
 def _pid_alive(pid: int) -> bool:
