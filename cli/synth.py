@@ -139,6 +139,9 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
             raise click.UsageError(f"unknown task(s) in --tasks: {', '.join(unknown)}; "
                                    f"the sequence has: {', '.join(t[0] for t in tasks)}")
 
+    import os
+
+    created_out = not os.path.exists(out)
     try:  # before loading a model that may take a minute
         check_writable(out)
     except SynthError as e:
@@ -158,6 +161,13 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
              gen_kwargs=gen_kwargs, tasks=tasks, out=out, images_per_task=images_per_task, seed=seed, base=base,
              template=template, only_list=only_list, batch_size=batch_size, rank=rank, world=world, quiet=quiet,
              jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite, t0=t0)
+    except BaseException:
+        if created_out and rank == 0:     # a failed start (e.g. a missing model) leaves no empty folder behind
+            try:
+                os.rmdir(out)             # only if nothing was written
+            except OSError:
+                pass
+        raise
     finally:
         torch.set_num_threads(threads)
 

@@ -191,3 +191,11 @@ def test_expected_error_classes_print_one_line():
         assert isinstance(e, kinds)
     assert not isinstance(KeyError("k"), kinds) and not isinstance(TypeError("t"), kinds)
     json.dumps([k.__name__ for k in kinds])
+
+
+def test_synth_with_a_missing_model_leaves_no_folder(tmp_path):
+    out = tmp_path / "syn"
+    res = CliRunner().invoke(main, ["synth", "--order", "1", "--model", str(tmp_path / "no-such-pipeline"),
+                                    "--device", "cpu", "--out", str(out), "--quiet"])
+    assert res.exit_code != 0, res.output
+    assert not out.exists()
