@@ -221,6 +221,9 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
                                    progress=not quiet)
         cfgs = plan_runs(base, methods, seed_list)
         _check_before_work(cfgs, base)   # every option and every run folder, before any work
+        from gift_fast.distributed import current
+
+        current().barrier()              # (torchrun) every process has checked the folders before rank 0 marks
         parent_created = _mark_parent(cfgs, base)
         try:
             run_many(cfgs, jobs=jobs, progress=not quiet)

@@ -118,7 +118,8 @@ def check_new_folder(folder: Path, force: bool = False) -> None:
     """May a new run write into ``folder``? (read-only; ``mark`` then claims it)."""
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file, not a folder: choose another --out")
-    entries = _entries(folder)
+    # (a marker being written by another process of the same run is ours too)
+    entries = [e for e in _entries(folder) if not e.startswith(MARKER + ".tmp")]
     if not entries or is_run_folder(folder):
         return
     if not force:

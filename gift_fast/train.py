@@ -533,6 +533,7 @@ class ContinualTrainer:
             rf.read_in_task_pointer(out, steps=cfg.steps)
         if state is None or restart:
             rf.check_new_folder(out, force=cfg.force)
+        self.dist.barrier()              # every process has decided on the folder before rank 0 writes to it
         if self.dist.is_main:
             self._created_out = rf.mark(out)
             self._lock = rf.RunLock(out).acquire()
@@ -994,13 +995,6 @@ class ContinualTrainer:
         for f in (self.out / "checkpoints").glob("in_task_*"):
             f.unlink(missing_ok=True)
     # ---- end of in-task checkpoints --------------------------------------------------------------
-
-    def _load_state(self) -> Optional[Dict[str, Any]]:
-        p = self._state_path()
-        if not p.is_file():
-            return None
-        with open(p) as fh:
-            return json.load(fh)
 
     def _check_resumable(self, state: Dict[str, Any]) -> None:
         old = state.get("identity", {})
