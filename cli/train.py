@@ -105,8 +105,9 @@ def _seeds(value):
 # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
 @click.option("--benchmark", type=click.Choice(["mtil", "cifar100-cil", "tinyimagenet-cil"]), default=None,
               help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --steps N.")
-@click.option("--class-order", default=None, help="Class-incremental class order: seed:N (default seed:1993), "
-              "icarl (CIFAR100's fixed iCaRL order) or natural.")
+@click.option("--class-order", default=None, help="Class-incremental class order: zscl (default: ZSCL's orders, "
+              "CIFAR100's = iCaRL's), seed:N, icarl, natural, or a YAML / JSON FILE with class_order: [...] (ZSCL's "
+              "format). --resume keeps a run's recorded order.")
 @click.option("--iterations", type=int, default=None, help="Class-incremental: iterations per step (default: one "
               "epoch of the step's training images).")
 # --- end class-incremental ---
