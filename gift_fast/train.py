@@ -1065,7 +1065,7 @@ PRESET_RUNS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def preset_config(name: str, **overrides) -> TrainConfig:
+def preset_config(name: str, /, **overrides) -> TrainConfig:
     """The TrainConfig of a preset with ``overrides`` applied (a None value sets None, e.g. pretrained=None)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

@@ -243,3 +243,33 @@ def test_no_host_sync_added_to_untracked_steps(tmp_path, init_ckpt, monkeypatch)
     for k in untracked_steps:
         assert tracked.get(k, 0) == plain.get(k, 0), (k, plain, tracked)
     assert tracked.get(2, 0) > plain.get(2, 0)                # the tracked step does read values back
+
+
+@pytest.mark.slow
+def test_cli_tiny_preset_with_tracking_and_report_curves(tmp_path):
+    """The command line end to end: train --report-to tensorboard --track on the (shortened) tiny preset,
+    then report --curves draws curves.png and the report says the paper has no row for this protocol."""
+    pytest.importorskip("tensorboard")
+    from click.testing import CliRunner
+
+    from gift_fast.cli.main import main
+
+    out = tmp_path / "tiny"
+    r = CliRunner().invoke(main, [
+        "train", "--preset", "tiny", "--method", "gift", "--seeds", "0", "--tasks", "ToyShapes,ToyDigits",
+        "--steps", "4", "--warmup", "2", "--batch-size", "16", "--syn-batch-size", "16", "--images-per-task", "32",
+        "--log-every", "2", "--no-plots", "--quiet", "--out", str(out), "--report-to", "tensorboard",
+        "--name", "cli-run", "--track", "ToyDigits", "--track-every", "2"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "No published row" in r.output
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert (cfg["report_to"], cfg["name"], cfg["track"], cfg["track_every"]) == ("tensorboard", "cli-run",
+                                                                                 ["ToyDigits"], 2)
+    assert [p["step"] for p in read_curves(out)] == [0, 2, 4] * 2
+    _, scalars = _tb_scalars(out / "tensorboard")
+    assert sorted(scalars["curves/test_acc/ToyDigits"]) == [0, 2, 4, 6, 8]   # task 1's step 4 = task 2's step 0
+    r = CliRunner().invoke(main, ["report", str(out), "--curves"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert (out / "curves.png").stat().st_size > 10_000
+    r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--report-to", "mlflow", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--report-to 'mlflow'" in r.output
