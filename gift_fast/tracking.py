@@ -174,6 +174,9 @@ class RunHooks:
         if self._writers is None:
             self._writers = []
             if self.main and self.backends:
+                import atexit
+
+                atexit.register(self.close)     # a run that fails still flushes what it logged
                 t = self.trainer
                 name = t.cfg.name or t.out.name
                 config = _plain_config(t.cfg)
