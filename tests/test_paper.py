@@ -95,7 +95,7 @@ def test_report_shows_the_paper_for_order_I(tmp_path):
            f"{m['last'] - 86.0:+.1f} |" in text
     # the zero-shot row: the same accuracies as the paper's per data set; the metrics of the paper
     zs = continual_metrics([zero] * len(zero))
-    assert f"| paper, Tab. 1: Zero-shot | 69.4 | 65.3 | 65.3 |" in text
+    assert "| paper, Tab. 1: Zero-shot | 69.4 | 65.3 | 65.3 |" in text
     assert round(zs["transfer"], 1) == 69.4 and round(zs["avg"], 1) == 65.3     # Tab. 1 from Tab. 9's row
     assert "| difference (run - paper) | +0.0 | +0.0 | +0.0 |" in text
     # Tab. 9, per data set

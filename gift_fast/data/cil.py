@@ -143,7 +143,7 @@ def read_class_order_file(path: str) -> List[int]:
 # The seed paper's Tab. 7 (CIFAR100) and Tab. 8 (TinyImageNet): {steps: {method: (Avg, Last)}}. The paper's
 # numbers live in gift_fast.paper; these names are kept for the code that reads them here.
 from gift_fast.paper import CIL_RESULTS as SEED_RESULTS  # noqa: E402
-from gift_fast.paper import CIL_TABLE_NAMES as SEED_TABLE_NAMES  # noqa: E402
+from gift_fast.paper import CIL_TABLE_NAMES as SEED_TABLE_NAMES  # noqa: E402,F401
 
 
 def protocol(benchmark: str) -> CILProtocol:
