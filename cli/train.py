@@ -143,6 +143,13 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
     config_file = opts.pop("config_file", None)
     if opts.get("track") is not None:
         opts["track"] = _csv(opts["track"])
+    if opts.get("report_to") is not None:     # a bad value or a missing package: say so before any work
+        from gift_fast.tracking import check_backends
+
+        try:
+            check_backends(opts["report_to"])
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     if config_file is not None:
         if benchmark not in (None, "mtil"):
             raise click.UsageError("--config reruns MTIL and toy runs; a class-incremental --benchmark takes its "
