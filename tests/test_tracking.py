@@ -150,9 +150,15 @@ def test_wandb_offline_scalars_equal_log_jsonl(tmp_path, init_ckpt, monkeypatch)
 
 
 def test_wandb_missing_is_a_clear_error(tmp_path, init_ckpt, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(ValueError, match="--report-to wandb needs the wandb package"):
+    from click.testing import CliRunner
+
+    from gift_fast.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)          # as where wandb is not installed
+    with pytest.raises(ValueError, match=r"--report-to wandb needs the wandb package: pip install 'gift-fast\[wandb\]'"):
         ContinualTrainer(cfg_for(tmp_path, init_ckpt, report_to="wandb"))
+    r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--report-to", "wandb", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "needs the wandb package" in r.output and not (tmp_path / "x").exists()
 
 
 def test_only_rank_0_writes(tmp_path, init_ckpt):
