@@ -69,3 +69,87 @@ def test_reference_images_from_class_folders_are_seeded_per_task(tmp_path):
     assert a.texts() != c.texts() or not torch.equal(a.images, c.images)
     with pytest.raises(FileNotFoundError, match="no images"):
         load_reference_set(tmp_path / "golden_retriever", 2, seed=0, task_index=0, image_size=8)
+
+
+# --------------------------------------------------------------------------- the authors' layout, orders (issue 13)
+def _authors_folder(root, task, texts, black=(), size=(24, 20), order_dir="synthetic_data_a"):
+    """A folder as the authors' txt2img.py writes it: the image column holds the path it saw."""
+    folder = root / f"{task}_Syn"
+    folder.mkdir(parents=True)
+    lines = ["image,text"]
+    for j, text in enumerate(texts):
+        arr = np.zeros((size[1], size[0], 3), np.uint8) if j in black else \
+            np.random.default_rng(j).integers(1, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{j}.jpeg", quality=95)
+        lines.append(f'./data/synthetic/{order_dir}/{task}_Syn/{j}.jpeg,"{text}"')
+    (folder / "image_text.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_reads_the_authors_layout_by_file_name(tmp_path):
+    texts = ["a photo of a tench.", "a photo of a goldfish.", "a photo of a tench."]
+    _authors_folder(tmp_path, "Aircraft", texts)
+    ds = load_synthetic_set(tmp_path, "Aircraft", image_size=8, progress=False)
+    assert ds.texts() == texts and len(ds) == 3
+    ref = Image.open(tmp_path / "Aircraft_Syn" / "1.jpeg").convert("RGB").resize((10, 8), Image.BICUBIC).crop((1, 0, 9, 8))
+    assert np.array_equal(ds.images[1].permute(1, 2, 0).numpy(), np.asarray(ref))
+
+
+def test_black_images_are_dropped_before_taking_n(tmp_path):
+    texts = [f"a photo of a p{j}." for j in range(8)]
+    _authors_folder(tmp_path, "DTD", texts, black={1, 2})
+    ds = load_synthetic_set(tmp_path, "DTD", image_size=8, limit=4, progress=False)
+    # the first 4 non-black images (0, 3, 4, 5), not the non-black ones among the first 4 rows
+    assert ds.texts() == [texts[j] for j in (0, 3, 4, 5)] and ds.dropped_black == 2
+    ds = load_synthetic_set(tmp_path, "DTD", image_size=8, limit=20, progress=False)
+    assert len(ds) == 6
+
+
+def test_a_folder_of_the_other_order_is_refused(tmp_path):
+    from gift_fast.config import task_order
+    from gift_fast.data.synthetic import SyntheticFolderMismatch
+    from gift_fast.synth.engine import mtil_tasks, sequence_sources
+    from gift_fast.synth.prompts import sequence_prompts, task_pools
+
+    order1, order2 = task_order(1), task_order(2)
+    base1, src1 = sequence_sources(mtil_tasks(1))
+    base2, src2 = sequence_sources(mtil_tasks(2))
+    # Order I's StanfordCars folder (10th task: its pool holds nine data sets), in the authors' layout
+    t1 = order1.index("StanfordCars")
+    texts = sequence_prompts(base1, src1, 200, seed=0, scheme="authors")[t1]
+    _authors_folder(tmp_path, "StanfordCars", texts[:40])
+    pool2 = task_pools(base2, src2)[order2.index("StanfordCars")]        # Order II: ImageNet only
+    with pytest.raises(SyntheticFolderMismatch, match="another task order"):
+        load_synthetic_set(tmp_path, "StanfordCars", image_size=8, progress=False, sequence=order2, pool=pool2)
+    ok = load_synthetic_set(tmp_path, "StanfordCars", image_size=8, progress=False, sequence=order1,
+                            pool=task_pools(base1, src1)[t1])
+    assert len(ok) == 40
+
+
+def test_a_manifest_of_another_sequence_is_refused(tmp_path):
+    from gift_fast.data.synthetic import SyntheticFolderMismatch
+    from gift_fast.synth.engine import synthesize_sequence
+
+    class Gen:
+        name = "g"
+
+        def generate(self, prompts, seeds):
+            return [Image.fromarray(np.full((8, 8, 3), 1 + s % 200, np.uint8)) for s in seeds]
+
+        def describe(self):
+            return {"config": {}}
+
+    tasks = [("A", ["a"]), ("B", ["b"]), ("C", ["c"])]
+    synthesize_sequence(Gen(), tasks, tmp_path, images_per_task=4, seed=0, base_classnames=["x"], progress=False)
+    assert len(load_synthetic_set(tmp_path, "C", image_size=8, progress=False, sequence=["A", "B", "C"])) == 4
+    with pytest.raises(SyntheticFolderMismatch, match=r"classes of \['A', 'B'\].*follows \['B', 'A'\]"):
+        load_synthetic_set(tmp_path, "C", image_size=8, progress=False, sequence=["B", "A", "C"])
+    # a pool made with --pool-exclude is what that run asked for: accepted
+    synthesize_sequence(Gen(), tasks, tmp_path / "ex", images_per_task=4, seed=0, base_classnames=["x"],
+                        pool_exclude=["A"], progress=False)
+    assert len(load_synthetic_set(tmp_path / "ex", "C", image_size=8, progress=False, sequence=["A", "B", "C"])) == 4
+    # prompts only: a clear error that says how to make the images
+    synthesize_sequence(None, tasks, tmp_path / "po", images_per_task=4, seed=0, base_classnames=["x"],
+                        prompts_only=True)
+    with pytest.raises(FileNotFoundError, match="prompts only.*--prompts-from"):
+        load_synthetic_set(tmp_path / "po", "B", image_size=8, progress=False)
