@@ -559,8 +559,9 @@ class ContinualTrainer:
 
         # The synth engine's pool (one rule for both): base names and every earlier task's names, each
         # entry templated with its own data set's first template.
-        base, sources = sequence_sources([(x.name, x.classnames, x.templates[0]) for x in self.tasks],
-                                         base_classnames=self._base_classnames())
+        # A task may name another pool template in its meta (the CIL steps do).
+        base, sources = sequence_sources([(x.name, x.classnames, x.meta.get("pool_template") or x.templates[0])
+                                          for x in self.tasks], base_classnames=self._base_classnames())
         if cfg.synth == "on-the-fly":
             from gift_fast.synth.engine import synthesize_task
 
