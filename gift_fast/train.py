@@ -555,7 +555,7 @@ class ContinualTrainer:
             return load_reference_set(cfg.reference_images, cfg.images_per_task, seed=self._synth_seed(),
                                       task_index=t, image_size=size, progress=self._progress)
         from gift_fast.synth.engine import sequence_sources
-        from gift_fast.synth.prompts import sequence_prompts, task_pools
+        from gift_fast.synth.prompts import sequence_prompts
 
         # The synth engine's pool (one rule for both): base names and every earlier task's names, each
         # entry templated with its own data set's first template.
@@ -577,7 +577,7 @@ class ContinualTrainer:
             return load_synthetic_set(root, task.name, image_size=size, progress=self._progress)
         return load_synthetic_set(cfg.synth, task.name, image_size=size, limit=cfg.images_per_task,
                                   progress=self._progress, sequence=[x.name for x in self.tasks],
-                                  pool=task_pools(base, sources)[t])
+                                  pool_sources=[(s.name, s.prompts()) for s in [base] + sources[:t]])
 
     @property
     def _progress(self) -> bool:

@@ -103,13 +103,13 @@ def test_prompts_from_with_the_tiny_preset(tmp_path):
     src = tmp_path / "authors" / "ToyAnimals_Syn"
     src.mkdir(parents=True)
     (src / "image_text.csv").write_text("image,text\n./data/synthetic/synthetic_data_a/ToyAnimals_Syn/1.jpeg,"
-                                        "a photo of a dog.\n./data/synthetic/synthetic_data_a/ToyAnimals_Syn/0.jpeg,"
-                                        "a photo of a cat.\n")
+                                        "a photo of a circle.\n./data/synthetic/synthetic_data_a/ToyAnimals_Syn/0.jpeg,"
+                                        "a photo of a tench.\n")
     out = tmp_path / "o"
     r = _invoke("--preset", "tiny", "--tasks", "ToyAnimals", "--prompts-from", str(tmp_path / "authors"),
                 "--seed-scheme", "authors", "--steps", "1", "--quiet", "--out", str(out))
     assert r.exit_code == 0, r.output
     rows = list(csv.reader(open(out / "ToyAnimals_Syn" / "image_text.csv")))[1:]
-    assert rows == [["0.jpeg", "a photo of a cat."], ["1.jpeg", "a photo of a dog."]]
+    assert rows == [["0.jpeg", "a photo of a tench."], ["1.jpeg", "a photo of a circle."]]
     tm = json.loads((out / "ToyAnimals_Syn" / "manifest.json").read_text())
     assert tm["seed_scheme"] == "authors" and tm["images"] == 2

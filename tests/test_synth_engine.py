@@ -358,12 +358,14 @@ def test_prompts_from_the_authors_layout(tmp_path):
     # the authors' CSV: image column with the path txt2img.py saw, rows in any order
     src = tmp_path / "authors" / "B_Syn"
     src.mkdir(parents=True)
-    texts = ["a photo of a x.", "an a1 of A.", 'a photo of the number: "3 - three".', "a photo of a x."]
+    tasks = [("A", ["3 - three", "a1"], 'a photo of the number: "{}".'), ("B", ["b1"]), ("C", ["c1"])]
+    texts = ["a photo of a x.", 'a photo of the number: "a1".', 'a photo of the number: "3 - three".',
+             "a photo of a x."]
     rows = [f'./data/synthetic/synthetic_data_a/B_Syn/{j}.jpeg,"{texts[j].replace(chr(34), chr(34) * 2)}"'
             for j in (2, 0, 3, 1)]
     (src / "image_text.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
     gen = FakeGenerator()
-    synthesize_sequence(gen, TASKS3, tmp_path / "out", images_per_task=None, seed=42, base_classnames=["x"],
+    synthesize_sequence(gen, tasks, tmp_path / "out", images_per_task=None, seed=42, base_classnames=["x"],
                         only=["B"], prompts_from=tmp_path / "authors", seed_scheme="authors", progress=False)
     assert [r[1] for r in _csv_rows(tmp_path / "out/B_Syn/image_text.csv")] == texts
     # image j of the task after data set k=1 (A, task index 1): j + 100000 * 0 + 10**7 * 42
@@ -373,21 +375,25 @@ def test_prompts_from_the_authors_layout(tmp_path):
     tm = json.loads((tmp_path / "out/B_Syn/manifest.json").read_text())
     assert tm["seed_scheme"] == "authors" and "10**7" in tm["seed_rule"] and "prompts from" in tm["prompt_source"]
     # the first N rows; more than there are is an error; a missing task file is named
-    synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "out2", images_per_task=2, seed=42,
+    synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out2", images_per_task=2, seed=42,
                         base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors", progress=False)
     assert [r[1] for r in _csv_rows(tmp_path / "out2/B_Syn/image_text.csv")] == texts[:2]
     with pytest.raises(ValueError, match="has 4 prompts"):
-        synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "out3", images_per_task=5, seed=42,
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out3", images_per_task=5, seed=42,
                             base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
     with pytest.raises(FileNotFoundError, match="C_Syn/image_text.csv"):
-        synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "out3", images_per_task=None, seed=42,
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out3", images_per_task=None, seed=42,
                             base_classnames=["x"], only=["C"], prompts_from=tmp_path / "authors")
     with pytest.raises(SynthError, match="is the output folder"):
-        synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "authors", images_per_task=None, seed=42,
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "authors", images_per_task=None, seed=42,
+                            base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
+    # prompts that cannot come from this sequence's pool (another order) are refused
+    with pytest.raises(SynthError, match="not in this sequence's pool for B.*another order"):
+        synthesize_sequence(FakeGenerator(), tasks[::-1], tmp_path / "out5", images_per_task=None, seed=42,
                             base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
     (src / "image_text.csv").write_text("image,text\n0.jpeg,a\n2.jpeg,b\n")
     with pytest.raises(ValueError, match="numbered 0..n-1"):
-        synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "out4", images_per_task=None, seed=42,
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out4", images_per_task=None, seed=42,
                             base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
 
 

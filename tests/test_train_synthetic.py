@@ -74,15 +74,17 @@ def test_reference_images_from_class_folders_are_seeded_per_task(tmp_path):
 # --------------------------------------------------------------------------- the authors' layout, orders (issue 13)
 def _authors_folder(root, task, texts, black=(), size=(24, 20), order_dir="synthetic_data_a"):
     """A folder as the authors' txt2img.py writes it: the image column holds the path it saw."""
+    import csv
     folder = root / f"{task}_Syn"
     folder.mkdir(parents=True)
-    lines = ["image,text"]
-    for j, text in enumerate(texts):
-        arr = np.zeros((size[1], size[0], 3), np.uint8) if j in black else \
-            np.random.default_rng(j).integers(1, 255, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / f"{j}.jpeg", quality=95)
-        lines.append(f'./data/synthetic/{order_dir}/{task}_Syn/{j}.jpeg,"{text}"')
-    (folder / "image_text.csv").write_text("\n".join(lines) + "\n")
+    with open(folder / "image_text.csv", "w", newline="") as f:
+        w = csv.writer(f)      # as txt2img.py writes it (csv.writer, default dialect)
+        w.writerow(["image", "text"])
+        for j, text in enumerate(texts):
+            arr = np.zeros((size[1], size[0], 3), np.uint8) if j in black else \
+                np.random.default_rng(j).integers(1, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(folder / f"{j}.jpeg", quality=95)
+            w.writerow([f"./data/synthetic/{order_dir}/{task}_Syn/{j}.jpeg", text])
     return folder
 
 
@@ -105,25 +107,64 @@ def test_black_images_are_dropped_before_taking_n(tmp_path):
     assert len(ds) == 6
 
 
-def test_a_folder_of_the_other_order_is_refused(tmp_path):
+def _pool_sources(order, task):
+    from gift_fast.config import task_order
+    from gift_fast.synth.engine import mtil_tasks, sequence_sources
+    base, src = sequence_sources(mtil_tasks(order))
+    t = task_order(order).index(task)
+    return [(s.name, s.prompts()) for s in [base] + src[:t]]
+
+
+def _authors_draws(order, task, n):
+    from gift_fast.config import task_order
+    from gift_fast.synth.engine import mtil_tasks, sequence_sources
+    from gift_fast.synth.prompts import sequence_prompts
+    base, src = sequence_sources(mtil_tasks(order))
+    return sequence_prompts(base, src, n, seed=0, scheme="authors")[task_order(order).index(task)]
+
+
+@pytest.mark.parametrize("task,made_for,why", [
+    ("StanfordCars", 1, "cannot come from"),   # Order I: nine data sets in its pool; Order II: ImageNet only
+    ("CIFAR100", 1, "none of its"),           # Order I: ImageNet + 2; Order II's pool is a superset of that
+])
+def test_a_folder_of_the_other_order_is_refused(tmp_path, task, made_for, why):
     from gift_fast.config import task_order
     from gift_fast.data.synthetic import SyntheticFolderMismatch
-    from gift_fast.synth.engine import mtil_tasks, sequence_sources
-    from gift_fast.synth.prompts import sequence_prompts, task_pools
+    other = 2 if made_for == 1 else 1
+    _authors_folder(tmp_path, task, _authors_draws(made_for, task, 300), size=(8, 8))
+    with pytest.raises(SyntheticFolderMismatch, match=f"{why}.*another task order"):
+        load_synthetic_set(tmp_path, task, image_size=8, progress=False, sequence=task_order(other),
+                           pool_sources=_pool_sources(other, task))
+    ok = load_synthetic_set(tmp_path, task, image_size=8, progress=False, sequence=task_order(made_for),
+                            pool_sources=_pool_sources(made_for, task))
+    assert len(ok) == 300
 
-    order1, order2 = task_order(1), task_order(2)
-    base1, src1 = sequence_sources(mtil_tasks(1))
-    base2, src2 = sequence_sources(mtil_tasks(2))
-    # Order I's StanfordCars folder (10th task: its pool holds nine data sets), in the authors' layout
-    t1 = order1.index("StanfordCars")
-    texts = sequence_prompts(base1, src1, 200, seed=0, scheme="authors")[t1]
-    _authors_folder(tmp_path, "StanfordCars", texts[:40])
-    pool2 = task_pools(base2, src2)[order2.index("StanfordCars")]        # Order II: ImageNet only
-    with pytest.raises(SyntheticFolderMismatch, match="another task order"):
-        load_synthetic_set(tmp_path, "StanfordCars", image_size=8, progress=False, sequence=order2, pool=pool2)
-    ok = load_synthetic_set(tmp_path, "StanfordCars", image_size=8, progress=False, sequence=order1,
-                            pool=task_pools(base1, src1)[t1])
-    assert len(ok) == 40
+
+def test_the_authors_released_prompts_pass_the_check_for_their_own_order_only(tmp_path):
+    """Every task's released prompts (the fixture's distinct prompts of each file) against both orders'
+    pools: accepted for their own order, refused for the other unless the pools coincide."""
+    import json
+    import os
+    from gift_fast.config import task_order
+    from gift_fast.data.synthetic import SyntheticFolderMismatch, check_folder_sequence
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "authors", "synthetic_prompts.json")) as f:
+        fx = json.load(f)
+    refused = {}
+    for order in (1, 2):
+        other = 3 - order
+        refused[order] = []
+        for task in task_order(order):
+            mask = int(fx["orders"][str(order)]["tasks"][task]["distinct"], 16)
+            draws = [p for i, p in enumerate(fx["prompts"]) if mask >> i & 1]
+            check_folder_sequence(tmp_path, task, task_order(order), _pool_sources(order, task), draws)
+            try:
+                check_folder_sequence(tmp_path, task, task_order(other), _pool_sources(other, task), draws)
+            except SyntheticFolderMismatch:
+                refused[order].append(task)
+        assert set(fx["orders"][str(order)]["tasks"]) == set(task_order(order))
+    # the first task of both orders has the same pool (ImageNet only): Aircraft/StanfordCars cannot tell
+    assert set(task_order(1)) - set(refused[1]) <= {"Aircraft"}, refused[1]
+    assert set(task_order(2)) - set(refused[2]) <= {"StanfordCars"}, refused[2]
 
 
 def test_a_manifest_of_another_sequence_is_refused(tmp_path):

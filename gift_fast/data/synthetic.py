@@ -106,6 +106,10 @@ def synthetic_folder(root: str | os.PathLike, task_name: str) -> Path:
     return Path(root) / f"{task_name}_Syn"
 
 
+# A data set expected to supply at least this many of a folder's prompts must supply one (P(none) < e**-20).
+MIN_EXPECTED_DRAWS = 20
+
+
 class SyntheticFolderMismatch(ValueError):
     """A synthetic folder was made for another task sequence (order) than the run's."""
 
@@ -146,14 +150,18 @@ def read_synthetic_rows(folder: Path) -> List[tuple]:
 
 
 def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Optional[Sequence[str]],
-                          pool: Optional[Sequence[str]] = None, prompts: Optional[Sequence[str]] = None) -> None:
+                          pool_sources: Optional[Sequence[tuple]] = None,
+                          prompts: Optional[Sequence[str]] = None) -> None:
     """Refuse a synthetic folder made for another task sequence than ``sequence`` (the run's task names).
 
     The prompt pool of a task holds the classes of the tasks before it, so a folder made for Order I
     has other prompts than Order II needs. Checked, in this order of preference: the task manifest's
     ``pool_tasks`` (the tasks whose classes its pool held, less its ``pool_exclude``); the run
-    manifest's ``order``; for a folder without manifests (the authors' layout), every prompt must be
-    in ``pool`` (the run's pool of this task)."""
+    manifest's ``order``; for a folder without manifests (the authors' layout), from its prompts:
+    ``pool_sources`` is the run's pool of this task as ``(data set, its templated entries)`` pairs;
+    every prompt must be in the pool, and a data set whose entries should account for at least
+    ``MIN_EXPECTED_DRAWS`` of the prompts (uniform draws) must have at least one (the chance that
+    it has none is below e**-20)."""
     if not sequence or task_name not in sequence:
         return
     folder = synthetic_folder(root, task_name)
@@ -181,26 +189,36 @@ def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Opt
                 f"{before or 'no earlier task'}; in this run it follows {list(sequence[:t]) or 'no earlier task'}. "
                 f"{fix}")
         return
-    if pool is not None and prompts is not None:
-        allowed = set(pool)
+    if pool_sources is not None and prompts is not None:
+        parts = [(str(name), list(entries)) for name, entries in pool_sources]
+        size = sum(len(e) for _, e in parts)
+        allowed = {p for _, e in parts for p in e}
         foreign = [p for p in prompts if p not in allowed]
         if foreign:
             raise SyntheticFolderMismatch(
                 f"{folder} has no manifest and {len(foreign)} of its {len(prompts)} prompts cannot come from this "
-                f"run's pool for {task_name} (the classes of {list(sequence[:t]) or 'ImageNet only'}), e.g. "
+                f"run's pool for {task_name} (the classes of {[n for n, _ in parts]}), e.g. "
                 f"{foreign[0]!r}: it was made for another task order. {fix}")
+        drawn = set(prompts)
+        for name, entries in parts:
+            expected = len(prompts) * len(entries) / max(size, 1)
+            if expected >= MIN_EXPECTED_DRAWS and not drawn & set(entries):
+                raise SyntheticFolderMismatch(
+                    f"{folder} has no manifest and none of its {len(prompts)} prompts comes from {name} (about "
+                    f"{expected:.0f} would if it had been drawn from this run's pool for {task_name}, the classes of "
+                    f"{[n for n, _ in parts]}): it was made for another task order. {fix}")
 
 
 def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: int, limit: Optional[int] = None,
                        progress: bool = True, sequence: Optional[Sequence[str]] = None,
-                       pool: Optional[Sequence[str]] = None) -> DistillSet:
+                       pool_sources: Optional[Sequence[tuple]] = None) -> DistillSet:
     """Read ``<root>/<task_name>_Syn`` (see the module doc): all-black images are dropped first,
     then ``limit`` keeps the first n of the rest (in image order), as the authors' loader does.
 
     The first n images of a folder are the first n its seeds produce, so a smaller set is a
     subset of a larger one (the paper's Fig. 3). ``sequence`` (the run's task names) and
-    ``pool`` (the run's prompt pool of this task): refuse a folder made for another order
-    (``check_folder_sequence``).
+    ``pool_sources`` (the run's prompt pool of this task, ``(data set, entries)`` pairs): refuse a
+    folder made for another order (``check_folder_sequence``).
     """
     folder = synthetic_folder(root, task_name)
     csv_path = folder / "image_text.csv"
@@ -222,7 +240,7 @@ def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: i
     rows = read_synthetic_rows(folder)
     if not rows:
         raise ValueError(f"{csv_path} lists no image")
-    check_folder_sequence(root, task_name, sequence, pool, [t for _, t in rows])
+    check_folder_sequence(root, task_name, sequence, pool_sources, [t for _, t in rows])
     missing = [str(p) for p, _ in rows if not p.is_file()]
     if missing:
         raise FileNotFoundError(

@@ -566,6 +566,17 @@ def synthesize_sequence(generator, tasks: Sequence[Tuple[str, Sequence[str]]], o
                              f"there, which would lose the prompts if interrupted. Give another --out")
         all_prompts = {n: read_prompt_csv(src_root / f"{n}_Syn" / CSV_NAME, images_per_task)
                        for n in selected}
+        for t, n in enumerate(names):   # prompts of another order or pool would be mislabelled by the manifests
+            if n in all_prompts:
+                allowed = set(pools[t])
+                foreign = [p for p in all_prompts[n] if p not in allowed]
+                if foreign:
+                    raise SynthError(
+                        f"{src_root / f'{n}_Syn' / CSV_NAME}: {len(foreign)} of its {len(all_prompts[n])} prompts "
+                        f"are not in this sequence's pool for {n} (the classes of "
+                        f"{[base.name] + pool_task_names(sources, t, pool_exclude)}), "
+                        f"e.g. {foreign[0]!r}. Were they made for another order (--order 1 / 2), another "
+                        f"--pool-exclude or --template?")
         prompt_source = f"prompts from {src_root}"
     else:
         drawn = sequence_prompts(base, sources, images_per_task, seed=seed, scheme=seed_scheme,
