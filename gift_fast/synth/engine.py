@@ -16,9 +16,11 @@ there: its presence means the task folder is complete. All files are written to 
 temporary name and renamed (``os.replace``), so an interrupted run leaves no
 half-written file under a final name.
 
-Black images (the safety checker's replacement for flagged content) are
-generated again with the next seed of that image: attempt k uses
-``image_seed(seed, task_index, i, attempt=k)`` (= base + k * 1,000,000,007 mod 2**63),
+Image i's seed follows the run's seed scheme (``seed_for``: ``"hash"``, the default, or
+``"authors"``, the authors' ``txt2img.py`` seeds; docs/PROTOCOL_PROMPTS.md). Black images
+(the safety checker's replacement for flagged content) are generated again with the next
+seed of that image: attempt k uses ``seed_for(scheme, seed, task_index, i, attempt=k)``
+(= base + k * 1,000,000,007, mod 2**63 for the hash scheme),
 up to ``max_retries`` times; retries join the next batch, so batches stay full.
 An image still black after ``max_retries`` is kept (the reference's loader drops
 black images) and counted as ``black_kept``.
