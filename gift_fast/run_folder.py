@@ -42,7 +42,8 @@ LOCK = ".gift-fast-lock"
 SYNTHETIC_MARKER = ".gift-fast-synthetic"
 # Names a run writes at the top of its folder (plus <Task>-split.json): --force refuses a folder holding any.
 RUN_NAMES = ("config.json", "state.json", "log.jsonl", "metrics.json", "acc_matrix.csv", "acc_matrix.png",
-             "acc_curves.png", "report.md", "checkpoints", "synthetic")
+             "acc_curves.png", "report.md", "checkpoints", "synthetic", "curves.jsonl", "tensorboard", "wandb",
+             "cil.json", "cil_accuracies.json", "cil_report.md", "synth-tasks.json")
 IN_TASK_STEM = re.compile(r"^in_task_\d{2,}_step\d{6,}$")
 
 

@@ -130,6 +130,7 @@ def check_train_config(cfg, world_size: int = 1) -> None:
     check_int("--eval-batch-size", cfg.eval_batch_size, low=1)
     check_int("--log-every", cfg.log_every, low=1)
     check_int("--checkpoint-every", cfg.checkpoint_every, low=0, hint="0: only after each task")
+    check_int("--track-every", getattr(cfg, "track_every", None), low=0)
     check_int("toy_train_size", cfg.toy_train_size, low=1)
     check_int("toy_test_size", cfg.toy_test_size, low=1)
     check_int("--seeds", cfg.seed)
