@@ -342,7 +342,7 @@ def _synthetic_folder(root: Path, task: str, n: int = 16):
         Image.fromarray(arr).save(folder / f"{i}.png")
         lines.append(f"{i}.png,a photo of a thing {i % 4}.")
     (folder / "image_text.csv").write_text("\n".join(lines) + "\n")
-    (folder / "manifest.json").write_text(json.dumps({"complete": True}))
+    (folder / "manifest.json").write_text(json.dumps({"complete": True, "pool_tasks": []}))   # the first task
 
 
 def test_resume_refuses_a_changed_synthetic_folder(tmp_path):
