@@ -332,6 +332,23 @@ def test_eval_command_on_two_processes_scores_as_one(tmp_path):
     res = torchrun(2, ["--module", "gift_fast.cli.main", *args(two)])
     assert res.stdout.count("mean") == 1                   # rank 0 prints
     assert json.loads(two.read_text()) == json.loads(one.read_text())
+    # one side against a zero-shot evaluation written out here (the preset's toy CLIP and test sets)
+    from gift_fast.data.toy import toy_tasks
+    from gift_fast.models import create_clip
+
+    bundle = create_clip("toy-vit", "toy")
+    model, tok = bundle.model.eval(), bundle.tokenizer
+    n_ = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    want = {}
+    with torch.no_grad():
+        for task in toy_tasks(["ToyShapes", "ToyDigits"], train_size=1000, test_size=300, seed=0):
+            emb = n_(model.encode_text(tok([t.format(c) for c in task.classnames for t in task.templates])))
+            W = n_(emb.view(len(task.classnames), len(task.templates), -1).mean(1))
+            x, y = task.test.tensors
+            pred = (n_(model.encode_image(x)) @ W.T).argmax(1)
+            want[task.name] = 100.0 * float((pred == y).double().mean())
+    got = json.loads(one.read_text())["accuracy"]
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-9) for k in want), (got, want)
 
 
 def test_synth_command_on_two_processes_writes_what_one_does(tmp_path):
