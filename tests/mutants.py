@@ -246,8 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print the test output of survivors and errors")
     args = ap.parse_args(argv)
 
-    # a signal must unwind through the finally blocks that restore the files
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)   # unwinds through the finally blocks that restore the files
     restored = restore_leftovers()
     if restored:
         print(f"restored files a killed earlier run left mutated: {', '.join(restored)}")
