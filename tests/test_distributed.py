@@ -362,3 +362,22 @@ def test_synth_command_on_two_processes_writes_what_one_does(tmp_path):
                            for p in root.rglob("*") if p.is_file() and p.suffix in (".jpeg", ".png", ".csv")}
     a = digest(one)
     assert len(a) > 3 and digest(two) == a
+    # one side against the documented rule: image i of task t was made from row i's prompt with
+    # image_seed(seed, t, i, attempt) (the provenance each image carries)
+    import csv
+
+    from gift_fast.synth.engine import read_image_meta
+    from gift_fast.synth.prompts import image_seed
+
+    folders = sorted(p.parent for p in one.rglob("image_text.csv"))
+    assert folders
+    for folder in folders:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        with open(folder / "image_text.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == manifest["images"] > 0
+        for i, r in enumerate(rows):
+            assert r["image"].startswith(f"{i}.")
+            meta = read_image_meta(folder / r["image"], decode=True)
+            assert meta["i"] == i and meta["prompt"] == r["text"], (folder.name, i)
+            assert meta["seed"] == image_seed(manifest["seed"], manifest["task_index"], i, meta["attempt"])
