@@ -54,10 +54,11 @@ def test_task_file(tmp_path):
     (["--order", "3", "--preset", "tiny"], "unknown order 3"),
     (["--preset", "tiny", "--tasks", "Nope"], "unknown task(s) in --tasks: Nope"),
     (["--order", "1", "--tasks", "Aircraft,Birds"], "unknown task(s) in --tasks: Birds"),
-    ([], "say which tasks"),
     (["--order", "1", "--task-file", "x.json"], "not both"),
-    (["--preset", "tiny", "--model", "x"], "drop --model"),
-    (["--preset", "tiny", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--preset", "tiny", "--model", "x"], "drop --sd-model"),
+    (["--preset", "tiny", "--sd-model", "x"], "drop --sd-model"),
+    (["--preset", "tiny", "--batch-size", "0"], "--sd-batch-size must be >= 1"),
+    (["--preset", "tiny", "--steps", "2", "--sd-steps", "3"], "--steps is the old spelling of --sd-steps"),
     (["--preset", "tiny", "--task-file", "/nonexistent/tasks.json"], "does not exist"),
 ])
 def test_clear_errors(args, msg):
