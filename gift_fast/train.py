@@ -483,11 +483,11 @@ class ContinualTrainer:
         if cfg.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("--bf16 needs a GPU with bfloat16 support")
         self.out = Path(cfg.out)
-        self._check_synthetic_source()
         if bundle is None and tasks is None:
             from gift_fast.preflight import check_train
 
             check_train(cfg, self.device)    # data, synthetic folder, disk, weights: before any model is loaded
+        self._check_synthetic_source()
         from gift_fast.distributed import main_first
 
         with main_first(self.dist):      # several processes: rank 0 builds the caches, the others read them
