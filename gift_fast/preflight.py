@@ -26,8 +26,9 @@ SYNTH_JPEG_BYTES = 80_000                 # one 512x512 JPEG at quality 75 (typi
 PARAM_BYTES = 4                           # checkpoints are float32 state dicts
 
 
-class ModelUnavailable(OSError):
-    """The weights are neither on this machine nor downloadable (no network, unknown id)."""
+class ModelUnavailable(OSError, RuntimeError):
+    """The weights are neither on this machine nor downloadable (no network, unknown id), or they failed to
+    load. An OSError (what the commands report as one line) and a RuntimeError (what loaders raised before)."""
 
 
 def hub_reachable(timeout: float = 5.0) -> Tuple[bool, str]:

@@ -246,3 +246,42 @@ def test_missing_data_and_small_disk_one_line_before_loading(tmp_path, fake_data
     assert "not enough disk space" in line and "--data-cache none" in line
     line = _offline(tmp_path, "synth", "--steps", "25", "--out", str(tmp_path / "syn"), disk_free=1000)
     assert "not enough disk space" in line and "--out" in line
+
+
+def test_cache_is_announced_with_size_place_and_how_to_avoid_it(fake_data, tmp_path, capsys):
+    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from gift_fast.preflight import cache_plan, check_train
+    from gift_fast.train import TrainConfig
+
+    cache = tmp_path / "cache"
+    cfg = TrainConfig(tasks=["MNIST", "EuroSAT"], data_root=fake_data, data_cache=str(cache), method="finetune",
+                      model="toy-vit-test", pretrained=None, out=str(tmp_path / "run"))
+    with relaxed_md5_checks():
+        check_train(cfg, CPU)
+    err = capsys.readouterr().err
+    assert "decoded-image cache: about" in err and str(cache) in err
+    assert "--data-cache DIR" in err and "--data-cache none" in err
+    rows = [{"task": "MNIST", "train": 10, "test": 5}, {"task": "EuroSAT", "train": 4, "test": 2}]
+    need, tasks = cache_plan(rows, str(cache))
+    assert need == 21 * 3 * 224 * 224 and tasks == ["MNIST", "EuroSAT"]
+    cache.mkdir()
+    for part in ("train", "test"):
+        (cache / f"MNIST-{part}-0123abcd.json").write_text("{}")
+    assert cache_plan(rows, str(cache)) == (6 * 3 * 224 * 224, ["EuroSAT"])
+
+
+def test_cached_models_need_no_network(monkeypatch, tmp_path):
+    import gift_fast.preflight as pf
+
+    monkeypatch.setattr(pf, "hub_reachable", lambda timeout=5.0: (False, "no network"))
+    monkeypatch.setattr(pf, "_hf_cached", lambda repo, names: repo == "cached/sd")
+    assert pf.check_sd_model("cached/sd") is True
+    assert pf.check_sd_model(str(tmp_path)) is None                 # a folder: checked when loaded
+    with pytest.raises(pf.ModelUnavailable, match="--sd-model"):
+        pf.check_sd_model("missing/sd")
+    pf.check_clip_weights("toy-vit-test", "toy")
+    pf.check_clip_weights("ViT-B-16", str(tmp_path / "w.pt"))         # a file: create_clip checks it
+    with pytest.raises(pf.ModelUnavailable, match="--pretrained"):
+        pf.check_clip_weights("ViT-B-16", "openai")
+    monkeypatch.setattr(pf, "hub_reachable", lambda timeout=5.0: (True, ""))
+    assert pf.check_sd_model("missing/sd") is None                   # downloadable

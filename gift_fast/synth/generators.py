@@ -605,7 +605,8 @@ class StableDiffusionGenerator:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, **load_kw)
         except Exception as e:
-            raise RuntimeError(f"could not load the Stable Diffusion pipeline {model!r}: {type(e).__name__}: {e}. "
+            from gift_fast.preflight import ModelUnavailable
+            raise ModelUnavailable(f"could not load the Stable Diffusion pipeline {model!r}: {type(e).__name__}: {e}. "
                                "A Hub id needs the model in the local Hugging Face cache or network access; "
                                "a folder must hold a diffusers pipeline (model_index.json, unet/, vae/, ...)") from e
         pipe.set_progress_bar_config(disable=True)
