@@ -145,8 +145,9 @@ def synth(order, task_file, only, images_per_task, out, guidance, dtype, bf16_fl
     try:
         check_writable(out)
         n_tasks = len(only_list) if only_list else len(tasks)
-        check_free_space(out, n_tasks * images_per_task * SYNTH_JPEG_BYTES * (1 if preset is None else 0),
-                         f"{n_tasks} x {images_per_task} images", "choose another --out")
+        if preset is None:   # the tiny preset's 32x32 images take kilobytes
+            check_free_space(out, n_tasks * images_per_task * SYNTH_JPEG_BYTES, f"{n_tasks} x {images_per_task} "
+                             f"images", "choose another --out")
     except (SynthError, OSError) as e:
         raise click.UsageError(str(e)) from None
     rank, world, dev = _init_distributed(device)

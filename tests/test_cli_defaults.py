@@ -64,6 +64,9 @@ def test_train_order1_bf16_compiles_on_cuda_not_on_cpu(train_cfgs, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     dev = resolve_device(cfg.device)
     assert dev.type == "cuda" and cfg.compiles(dev)            # regional compile: run 2's fastest step
+    gen = cfg.generator_config().resolve(dev)                  # on-the-fly synthesis: run 1's fastest row
+    assert gen.compile == "unet" and {k: getattr(gen, k) for k in MEASURED_COMPILED} == MEASURED_COMPILED
+    assert cfg.generator_config().resolve(CPU).compile == "none"
     assert not cfg.compiles(CPU)
     (off,) = train_cfgs("--order", "1", "--bf16", "--no-compile")
     assert off.compile is False and not off.compiles(CUDA)
