@@ -24,6 +24,9 @@ GB = 2 ** 30
 CACHE_BYTES_PER_IMAGE = 3 * 224 * 224      # one decoded uint8 image of the pixel cache at 224 px
 SYNTH_JPEG_BYTES = 80_000                 # one 512x512 JPEG at quality 75 (typically 30-60 KB)
 PARAM_BYTES = 4                           # checkpoints are float32 state dicts
+# Parameter counts of the architectures whose checkpoints the disk check can size without building the model
+# (counted on the real models in bench/RESULTS.md, AWC table); other architectures are not sized.
+CLIP_PARAMS = {"ViT-B-16": 149_600_000, "ViT-L-14": 427_600_000}
 
 
 class ModelUnavailable(OSError, RuntimeError):
@@ -210,9 +213,21 @@ def check_train(cfg, device=None) -> None:
     if cache_need:
         check_free_space(cfg.data_cache, cache_need, f"the decoded-image cache of {', '.join(cache_tasks)}",
                          "put the cache on a larger disk with --data-cache DIR, or switch it off with --data-cache none")
+    run_need, run_what = 0, []
     if on_the_fly and cfg.generator != "toy":
-        check_free_space(cfg.out, cfg.images_per_task * SYNTH_JPEG_BYTES, "one task's on-the-fly synthetic images",
-                         "choose another --out")
+        run_need += cfg.images_per_task * SYNTH_JPEG_BYTES
+        run_what.append("one task's on-the-fly synthetic images")
+    params = CLIP_PARAMS.get(cfg.model)
+    if params and names and not cfg.resume:      # (a resume has written some of them already)
+        kept = len(names) if cfg.keep_checkpoints == "all" else 2
+        # in-task checkpoints: the model, AdamW's two moments and AWC's buffers (about 5 copies), two kept
+        in_task = 2 * 5 * params * PARAM_BYTES if cfg.checkpoint_every else 0
+        run_need += kept * params * PARAM_BYTES + in_task
+        run_what.append(f"{kept} task checkpoints" + (" and the in-task checkpoints" if in_task else ""))
+    if run_need:
+        check_free_space(cfg.out, run_need, " and ".join(run_what),
+                         "choose another --out" + (" or --keep-checkpoints last" if cfg.keep_checkpoints == "all"
+                                                   else ""))
     # weights last (the network, if anything, is asked only now)
     if not toy:
         check_clip_weights(cfg.model, cfg.pretrained)

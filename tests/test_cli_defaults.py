@@ -288,3 +288,19 @@ def test_cached_models_need_no_network(monkeypatch, tmp_path):
         pf.check_clip_weights("ViT-B-16", "openai")
     monkeypatch.setattr(pf, "hub_reachable", lambda timeout=5.0: (True, ""))
     assert pf.check_sd_model("missing/sd") is None                   # downloadable
+
+
+def test_run_folder_space_for_checkpoints_is_checked(fake_data, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from gift_fast.preflight import check_train
+    from gift_fast.train import TrainConfig
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2 ** 30, 0, 2 ** 30))     # 1 GB free
+    cfg = TrainConfig(tasks=["MNIST", "EuroSAT"], data_root=fake_data, data_cache=None, method="finetune",
+                      model="ViT-B-16", out=str(tmp_path / "run"))                    # 2 x 0.6 GB of checkpoints
+    with relaxed_md5_checks(), pytest.raises(OSError, match="2 task checkpoints.*--keep-checkpoints last"):
+        check_train(cfg, CPU)
