@@ -230,9 +230,6 @@ def test_missing_models_without_network_one_line_each(tmp_path, fake_data):
     assert "Stable Diffusion model" in line and "--sd-model" in line and "patched: no network" in line
     line = _offline(tmp_path, "train", "--order", "1", "--bf16", *tasks, "--synth", "on-the-fly")
     assert "CLIP weights ViT-B-16 / openai" in line and "--pretrained" in line
-    line = _offline(tmp_path, "train", *tasks, "--model", "toy-vit-test", "--pretrained", "none",
-                    "--synth", "on-the-fly", "--out", str(tmp_path / "run"))
-    assert "Stable Diffusion model" in line and "--sd-model" in line
     line = _offline(tmp_path, "eval", *tasks)
     assert "CLIP weights" in line and "--pretrained" in line
 
@@ -241,9 +238,8 @@ def test_missing_models_without_network_one_line_each(tmp_path, fake_data):
 def test_missing_data_and_small_disk_one_line_before_loading(tmp_path, fake_data):
     empty = tmp_path / "nodata"
     empty.mkdir()
-    for cmd in ("train", "eval"):
-        line = _offline(tmp_path, cmd, "--order", "1", "--data-root", str(empty))
-        assert "data sets are missing" in line and "--data-root" in line and "gift-fast data check" in line
+    line = _offline(tmp_path, "train", "--order", "1", "--data-root", str(empty))    # eval: the same check_mtil_data
+    assert "data sets are missing" in line and "--data-root" in line and "gift-fast data check" in line
     line = _offline(tmp_path, "train", "--tasks", "MNIST,EuroSAT", "--data-root", fake_data, "--data-cache",
                     str(tmp_path / "cache"), "--method", "finetune", disk_free=1000)
     assert "not enough disk space" in line and "--data-cache none" in line
@@ -304,3 +300,15 @@ def test_run_folder_space_for_checkpoints_is_checked(fake_data, tmp_path, monkey
                       model="ViT-B-16", out=str(tmp_path / "run"))                    # 2 x 0.6 GB of checkpoints
     with relaxed_md5_checks(), pytest.raises(OSError, match="2 task checkpoints.*--keep-checkpoints last"):
         check_train(cfg, CPU)
+
+
+def test_train_on_the_fly_checks_the_sd_model_before_loading(fake_data, tmp_path, monkeypatch):
+    import gift_fast.preflight as pf
+    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from gift_fast.train import TrainConfig
+
+    monkeypatch.setattr(pf, "hub_reachable", lambda timeout=5.0: (False, "no network"))
+    cfg = TrainConfig(tasks=["MNIST", "EuroSAT"], data_root=fake_data, data_cache=None, model="toy-vit-test",
+                      pretrained=None, synth="on-the-fly", out=str(tmp_path / "run"))
+    with relaxed_md5_checks(), pytest.raises(pf.ModelUnavailable, match="--sd-model"):
+        pf.check_train(cfg, CPU)
