@@ -18,7 +18,7 @@ TINY_TASKS = [("ToyShapes", ["circle", "square", "triangle", "star"]),
 # preset -> defaults for options the user did not give
 PRESETS = {
     "tiny": dict(images_per_task=6, steps=4, batch_size=4, height=32, width=32, out="runs/synth-tiny",
-                 device="cpu", dtype="fp32"),
+                 device="cpu", dtype="fp32", safety_checker=False),   # the tiny pipeline has no checker
 }
 
 
@@ -102,6 +102,8 @@ def synth(order, task_file, only, images_per_task, out, guidance, dtype, bf16_fl
         sd["sd_steps"] = defaults.get("steps")
     if sd.get("sd_batch_size") is None:
         sd["sd_batch_size"] = defaults.get("batch_size")
+    if sd.get("sd_safety_checker") is None:
+        sd["sd_safety_checker"] = defaults.get("safety_checker")
     images_per_task = images_per_task if images_per_task is not None else defaults.get("images_per_task", 1000)
     out = out if out is not None else defaults.get("out", "data/synthetic")
     height = height if height is not None else defaults.get("height")

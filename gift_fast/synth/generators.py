@@ -420,6 +420,9 @@ class GeneratorConfig:
         for k, v in row.items():
             if getattr(out, k) is None:
                 setattr(out, k, v)
+        if not cuda:   # CUDA-only layout and autotuning (the generator ignores them elsewhere): say so
+            out.channels_last = False if self.channels_last is None else self.channels_last
+            out.cudnn_benchmark = False
         if out.compile_mode is None:
             out.compile_mode = "default"
         if out.model is None:
