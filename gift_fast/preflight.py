@@ -173,10 +173,9 @@ def announce_cache(need: int, tasks: Sequence[str], cache_dir: str, stream=None)
           f"with --data-cache DIR or switch it off with --data-cache none", file=stream or sys.stderr, flush=True)
 
 
-def check_train(cfg, device=None) -> None:
-    """All of ``gift-fast train``'s checks before cost, for one ``TrainConfig`` (see the module docstring)."""
-    from gift_fast.train import TrainConfig  # noqa: F401  (documentation of the argument's type)
-
+def check_train(cfg) -> None:
+    """All of ``gift-fast train``'s checks before cost, for one ``gift_fast.train.TrainConfig`` (see the module
+    docstring)."""
     toy = cfg.toy
     names: List[str] = []
     if not toy:

@@ -486,7 +486,7 @@ class ContinualTrainer:
         if bundle is None and tasks is None:
             from gift_fast.preflight import check_train
 
-            check_train(cfg, self.device)    # data, synthetic folder, disk, weights: before any model is loaded
+            check_train(cfg)    # data, synthetic folder, disk, weights: before any model is loaded
         self._check_synthetic_source()
         from gift_fast.distributed import main_first
 

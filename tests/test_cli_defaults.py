@@ -256,7 +256,7 @@ def test_cache_is_announced_with_size_place_and_how_to_avoid_it(fake_data, tmp_p
     cfg = TrainConfig(tasks=["MNIST", "EuroSAT"], data_root=fake_data, data_cache=str(cache), method="finetune",
                       model="toy-vit-test", pretrained=None, out=str(tmp_path / "run"))
     with relaxed_md5_checks():
-        check_train(cfg, CPU)
+        check_train(cfg)
     err = capsys.readouterr().err
     assert "decoded-image cache: about" in err and str(cache) in err
     assert "--data-cache DIR" in err and "--data-cache none" in err
@@ -299,7 +299,7 @@ def test_run_folder_space_for_checkpoints_is_checked(fake_data, tmp_path, monkey
     cfg = TrainConfig(tasks=["MNIST", "EuroSAT"], data_root=fake_data, data_cache=None, method="finetune",
                       model="ViT-B-16", out=str(tmp_path / "run"))                    # 2 x 0.6 GB of checkpoints
     with relaxed_md5_checks(), pytest.raises(OSError, match="2 task checkpoints.*--keep-checkpoints last"):
-        check_train(cfg, CPU)
+        check_train(cfg)
 
 
 def test_train_on_the_fly_checks_the_sd_model_before_loading(fake_data, tmp_path, monkeypatch):
@@ -311,4 +311,4 @@ def test_train_on_the_fly_checks_the_sd_model_before_loading(fake_data, tmp_path
     cfg = TrainConfig(tasks=["MNIST", "EuroSAT"], data_root=fake_data, data_cache=None, model="toy-vit-test",
                       pretrained=None, synth="on-the-fly", out=str(tmp_path / "run"))
     with relaxed_md5_checks(), pytest.raises(pf.ModelUnavailable, match="--sd-model"):
-        pf.check_train(cfg, CPU)
+        pf.check_train(cfg)
