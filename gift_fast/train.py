@@ -232,6 +232,11 @@ class TrainConfig:
     checkpoint_every: int = 0          # in-task checkpoint every K steps (0: only at the end of each task)
     plots: bool = True
     label: Optional[str] = None        # name of the run in reports (default: the method's label)
+    # experiment tracking and the paper's curves (gift_fast.tracking); they do not change the numbers
+    report_to: str = "none"            # none | tensorboard | wandb | all (open_clip's --report-to)
+    name: Optional[str] = None         # the run's name in TensorBoard / W&B (default: the run folder's name)
+    track: Optional[List[str]] = None  # tasks whose test loss / accuracy are logged during training (Fig. 5)
+    track_every: int = 0               # steps between curve points (0: no curves; with track: log_every)
 
     def method_spec(self) -> MethodSpec:
         return resolve_method(self.method, cd=self.cd, ita=self.ita, awc=self.awc, consolidation=self.consolidation,
@@ -257,8 +262,8 @@ SD_FIELDS = {"model": "sd_model", "steps": "sd_steps", "batch_size": "synth_batc
 # Fields that do not change a run's numbers (may differ between a run and its resume).
 _RESUME_FREE = {"out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers",
                 "eval_batch_size", "log_every", "keep_checkpoints", "plots", "label", "keep_synth",
-                "synth_batch_size", "data_cache", "checkpoint_every", "sd_compile", "sd_compile_mode",
-                "sd_channels_last", "sd_fused_qkv", "sd_attention", "sd_sdpa_backend"}
+                "synth_batch_size", "data_cache", "checkpoint_every", "report_to", "name", "track", "track_every",
+                "sd_compile", "sd_compile_mode", "sd_channels_last", "sd_fused_qkv", "sd_attention", "sd_sdpa_backend"}
 # Fields added after runs were written, with the value those runs used: left out of the identity at that
 # value, so a run folder written before resumes (its identity has no such key).
 _ADDED_WITH = {"sd_safety_checker": True}
@@ -521,6 +526,9 @@ class ContinualTrainer:
 
             compile_blocks(self.model, dynamic=None)
         self.log_path = self.out / "log.jsonl"
+        from gift_fast.tracking import RunHooks
+
+        self.hooks = RunHooks(self)      # TensorBoard / W&B and the --track curves (rank 0 writes)
 
     # ------------------------------------------------------------------ setup helpers
     def _check_synthetic_source(self) -> None:
@@ -598,13 +606,19 @@ class ContinualTrainer:
         if cfg.reference_images:
             return load_reference_set(cfg.reference_images, cfg.images_per_task, seed=self._synth_seed(),
                                       task_index=t, image_size=size, progress=self._progress)
+        from gift_fast.synth.engine import sequence_sources
+        from gift_fast.synth.prompts import sequence_prompts
+
+        # The synth engine's pool (one rule for both): base names and every earlier task's names, each
+        # entry templated with its own data set's first template.
+        # A task may name another pool template in its meta (the CIL steps do).
+        base, sources = sequence_sources([(x.name, x.classnames, x.meta.get("pool_template") or x.templates[0])
+                                          for x in self.tasks], base_classnames=self._base_classnames())
         if cfg.synth == "on-the-fly":
             from gift_fast.synth.engine import synthesize_task
-            from gift_fast.synth.prompts import build_class_pool, sample_prompts
 
             gen = self._get_generator()
-            pool = build_class_pool(self._base_classnames(), [x.classnames for x in self.tasks[:t]])
-            prompts = sample_prompts(pool, cfg.images_per_task, seed=self._synth_seed(), task_index=t)
+            prompts = sequence_prompts(base, sources, cfg.images_per_task, seed=self._synth_seed())[t]
             root = self.out / "synthetic"
             fmt = "png" if getattr(gen, "name", "") == "toy" else "jpeg"
             # each process generates its share (the engine's rank sharding); rank 0 writes the index
@@ -614,7 +628,8 @@ class ContinualTrainer:
             self.dist.barrier()          # the index is complete before anyone reads it
             return load_synthetic_set(root, task.name, image_size=size, progress=self._progress)
         return load_synthetic_set(cfg.synth, task.name, image_size=size, limit=cfg.images_per_task,
-                                  progress=self._progress)
+                                  progress=self._progress, sequence=[x.name for x in self.tasks],
+                                  pool_sources=[(s.name, s.prompts()) for s in [base] + sources[:t]])
 
     @property
     def _progress(self) -> bool:
@@ -702,6 +717,7 @@ class ContinualTrainer:
         bar = tqdm(range(k0, cfg.steps), desc=f"task {t + 1}/{len(self.tasks)} {task.name}",
                    disable=not self._progress, leave=False, initial=k0, total=cfg.steps)
         n_acc, k_last = 0, k0
+        self.hooks.on_task_start(t, k0, syn)
         try:
             for k in bar:
                 images, labels = next(batches)
@@ -718,6 +734,8 @@ class ContinualTrainer:
                     v = v.detach().float()
                     sums[name] = sums[name] + v if name in sums else v
                 n_acc += 1
+                if self.hooks.tracks(k):          # --track-every K: the curve points (off: no host sync here)
+                    self.hooks.on_track(t, k, out, syn)
                 if (k + 1) % cfg.log_every == 0 or k + 1 == cfg.steps:
                     now = time.perf_counter()
                     rec = self._log_record(t, k, sums, n_acc, optimizer, now - t_last, k + 1 - k_last)
@@ -779,6 +797,7 @@ class ContinualTrainer:
         if self.dist.is_main:
             with open(self.log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+        self.hooks.on_log(rec)
         return rec
 
     # ------------------------------------------------------------------ evaluation and state
@@ -966,6 +985,7 @@ class ContinualTrainer:
             if main:
                 write_json(self.out / "config.json", config)
             zero_shot = self.evaluate_all()
+            self.hooks.on_eval(-1, zero_shot)
             state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
                      "finished": 0, "checkpoints": [], "tasks_info": []}
             if main:
@@ -974,6 +994,7 @@ class ContinualTrainer:
         for t in range(state["finished"], len(self.tasks)):
             info = self.train_task(t)
             row = self.evaluate_all()
+            self.hooks.on_eval(t, row)
             state["acc"].append(row)
             info["acc"] = row
             self._save_task(t, state, info)
@@ -989,6 +1010,7 @@ class ContinualTrainer:
                 plot_run(self.out)
             except Exception as e:   # a plotting problem must not cost a finished run
                 self._note(f"plots skipped: {type(e).__name__}: {e}")
+        self.hooks.on_end(metrics)
         return metrics
 
     def _write_results(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -1094,7 +1116,7 @@ PRESET_RUNS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def preset_config(name: str, **overrides) -> TrainConfig:
+def preset_config(name: str, /, **overrides) -> TrainConfig:
     """The TrainConfig of a preset with ``overrides`` applied (a None value sets None, e.g. pretrained=None)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
