@@ -165,9 +165,10 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
                              f"is empty, truncated or not an open_clip checkpoint of this model") from None
         if not isinstance(e, RuntimeError):
             raise
+        from gift_fast.preflight import ModelUnavailable
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise RuntimeError(
-            f"could not load {model_name!r} with pretrained={pretrained!r}: {e}\n"
+        raise ModelUnavailable(
+            f"could not load {model_name!r} with pretrained={pretrained!r}: {e}. "
             f"Known tags for this model: {tags}. Without internet access, download the weights elsewhere "
             f"and pass the file: --pretrained /path/to/weights") from e
     if own_safetensors is not None:
