@@ -145,10 +145,6 @@ def resolve_method(method: str = "gift", *, cd: Optional[bool] = None, ita: Opti
         cons = consolidation
     use_cd = d_cd if cd is None else bool(cd)
     use_ita = d_ita if ita is None else bool(ita)
-    if distill == "feature":
-        if ita:
-            raise ValueError("--distill feature is the feature-distance loss alone (no ITA term): drop --ita")
-        use_ita = False
     if cons == "adaptive" and not (use_cd or use_ita):
         raise ValueError("adaptive weight consolidation takes its Fisher from the distillation gradients, but CD and "
                          "ITA are both off: enable --cd or --ita, or use --consolidation uniform (the L2 baseline)")
@@ -199,7 +195,7 @@ class TrainConfig:
     synth_batch_size: int = 16
     synth_seed: Optional[int] = None   # default: seed
     keep_synth: bool = False
-    # optimisation (METHOD.md, "Protocol")
+    # optimisation (docs/METHOD.md, "The MTIL protocol")
     steps: int = 1000
     batch_size: int = 64
     syn_batch_size: int = 64
