@@ -280,5 +280,6 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
         click.echo(f"{n:<{width}}  {a:6.2f}")
     click.echo(f"{'mean':<{width}}  {sum(accs) / len(accs):6.2f}")
     if out:
-        atomic_write_text(out, json.dumps({"model": cfg.model, "pretrained": cfg.pretrained, "accuracy": rows},
+        atomic_write_text(out, json.dumps({"model": cfg.model, "pretrained": cfg.pretrained,
+                                           "activation": bundle.info.get("activation"), "accuracy": rows},
                                           indent=2) + "\n")

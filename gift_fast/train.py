@@ -913,10 +913,13 @@ class ContinualTrainer:
                 "label": cfg.label or self.method.label(), "tasks": self.task_names,
                 "task_lrs": [cfg.lr if cfg.lr is not None else t.lr for t in self.tasks],
                 "model": {"name": self.bundle.model_name, "pretrained": self.bundle.pretrained,
-                          "logit_scale": self.logit_scale, "image_size": self.bundle.image_size},
+                          "logit_scale": self.logit_scale, "image_size": self.bundle.image_size,
+                          "activation": self.bundle.info.get("activation")},
                 "device": str(self.device), "processes": self.dist.world_size, "versions": _versions()}
             if main:
                 write_json(self.out / "config.json", config)
+            self._note(f"model {self.bundle.model_name} ({self.bundle.pretrained}), activation "
+                       f"{self.bundle.info.get('activation')}, {len(self.tasks)} tasks, method {config['label']}")
             zero_shot = self.evaluate_all()
             state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
                      "finished": 0, "checkpoints": [], "tasks_info": []}
