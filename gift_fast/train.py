@@ -167,6 +167,7 @@ class TrainConfig:
     tasks: Optional[List[str]] = None
     data_root: Optional[str] = None
     data_cache: Optional[str] = None
+    train_augment: bool = True         # MTIL task images: the authors' RandomResizedCrop(scale=(0.9, 1)) in training
     toy: bool = False
     toy_train_size: int = 1000
     toy_test_size: int = 300
@@ -1019,7 +1020,7 @@ def build_task_list(cfg: TrainConfig, bundle) -> list:
     from gift_fast.data.mtil import build_tasks
 
     return build_tasks(names, cfg.data_root, image_size=bundle.image_size, mean=bundle.mean, std=bundle.std,
-                       cache_dir=cfg.data_cache, progress=cfg.progress)
+                       cache_dir=cfg.data_cache, progress=cfg.progress, train_augment=cfg.train_augment)
 
 
 def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:
