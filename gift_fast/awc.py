@@ -1,6 +1,6 @@
 """Adaptive weight consolidation (AWC): the Fisher-weighted L2 pull towards the anchor.
 
-METHOD.md, "Adaptive weight consolidation". Per trainable tensor p (excluded names
+docs/METHOD.md, "Adaptive weight consolidation". Per trainable tensor p (excluded names
 such as ``logit_scale`` and frozen tensors are left alone), after ``backward(L_kd)``:
 
     F_new = g^2 / mean(g^2)           (1e-6 everywhere when g is None or all zero)

@@ -97,7 +97,8 @@ ICARL_CIFAR100_ORDER: tuple = (
 
 # The seed paper's results (ViT/ResNet rows as published; CLIP rows ViT-B/16), transcribed from
 # its supplementary Tab. 7 (CIFAR100) and Tab. 8 (TinyImageNet): {steps: {method: (Avg, Last)}};
-# None where the table has "-". Source: /work/shared/seed/000_cb833a1c5ac3b598.txt, lines 242-271.
+# None where the table has "-". tests/test_cil.py checks this against the tables' text
+# (tests/fixtures/seed_cil_tables.txt).
 SEED_RESULTS: Dict[str, Dict[int, Dict[str, tuple]]] = {
     "cifar100-cil": {
         10: {"UCIR": (58.66, 43.39), "BiC": (68.80, 53.54), "RPSNet": (68.60, 57.05), "PODNet": (58.03, 41.05),
