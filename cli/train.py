@@ -36,7 +36,7 @@ def _seeds(value):
 # model
 @click.option("--model", default=None, help="open_clip architecture (default ViT-B-16) or a tiny one (toy-vit).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (default openai), a local checkpoint file, "
-              "or 'none'.")
+              "or 'none'. A file of OpenAI's weights: use --model ViT-B-16-quickgelu (QuickGELU).")
 # tasks
 @click.option("--order", type=int, default=None, help="MTIL order 1 or 2 (default 1).")
 @click.option("--tasks", default=None, help="Comma-separated task names instead of an order (MTIL or toy names).")

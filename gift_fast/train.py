@@ -244,6 +244,22 @@ STREAM_TASK, STREAM_SYN, STREAM_FISHER = 1, 2, 3
 
 
 # =============================================================================== batches
+class _SeededItems(torch.utils.data.Dataset):
+    """``dataset[i]`` under torch's RNG seeded by (seed, i): a random transform (the training crops) draws the
+    same for an item of an epoch whatever the worker or the process, so a resumed run sees the same batches."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(self.seed, i))
+            return self.dataset[i]
+
+
 class TaskBatches:
     """An endless, seeded stream of ``(images, labels)`` training batches of one task on ``device``.
 
@@ -298,7 +314,8 @@ class TaskBatches:
             while True:
                 g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch))
                 loader = torch.utils.data.DataLoader(
-                    self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
+                    _SeededItems(self.dataset, _derived_seed(self.seed, epoch, 1)), batch_size=self.batch_size,
+                    shuffle=True, drop_last=True, generator=g,
                     num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                     persistent_workers=False)
                 for x, y in loader:     # (several processes: each decodes the global batch and keeps its rows)
