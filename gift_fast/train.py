@@ -707,7 +707,10 @@ class ContinualTrainer:
                                                         "source": dset.source}}
 
     def _static_fisher(self, step, syn, t: int) -> None:
-        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd."""
+        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd.
+
+        The gradients are cleared before each batch and after the last (the authors' static-Fisher loop stops
+        clearing them once its estimate ends, so later steps add up old gradients: docs/METHOD.md, "Defects")."""
         from gift_fast.evaluate import autocast
         from gift_fast.step import distillation_loss
 

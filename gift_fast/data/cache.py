@@ -39,8 +39,9 @@ Two layouts (``layout=``):
   boxes on the host exactly as torchvision's ``RandomResizedCrop.get_params`` does, in the
   original image's pixels (``random_resized_crop_box``), and crops + resizes on the device
   (``crop_resize``, bicubic ``grid_sample``). The box distribution is torchvision's; the
-  pixels are resampled from the S-short-side image instead of the full-size file (a crop
-  is at most ~11% upscaled), which is the one approximation of this path.
+  pixels are resampled from the S-short-side image instead of the full-size file (a crop is
+  at most ~11% upscaled, or up to ~1.5x downscaled along a long side without PIL's low-pass
+  filter), the one approximation of this path (``--data-cache none`` crops the full image).
 
 Two ways to read it:
 
