@@ -21,8 +21,8 @@ architecture names (``ViT-B-16``) build nn.GELU, its ``-quickgelu`` names
 the options in the checkpoint's metadata and ``create_clip`` rebuilds a checkpoint with
 them, so a run started from ``--pretrained openai`` reloads to the same function. A
 local file of OpenAI weights (no metadata) loads with QuickGELU through the
-``-quickgelu`` name (``create_clip("ViT-B-16-quickgelu", "/path/ViT-B-16.pt")``) or
-``quick_gelu=True``.
+``-quickgelu`` name (``create_clip("ViT-B-16-quickgelu", "/path/open_clip_model.safetensors")``)
+or ``quick_gelu=True``.
 """
 from __future__ import annotations
 
