@@ -45,6 +45,9 @@ def _seeds(value):
 @click.option("--data-cache", default=None, help=f"Decoded-image cache (default {MTIL_DEFAULTS['data_cache']}; "
               "'none' to decode every time).")
 # method
+@click.option("--train-augment/--no-train-augment", default=None,
+              help="MTIL training images: the authors' RandomResizedCrop(scale=(0.9, 1.0)) (default on) or the "
+                   "evaluation transform.")
 @click.option("--method", default=None, help="gift | finetune | l2 | ewc-v, or several separated by commas "
               "(default gift; the tiny preset runs gift,finetune).")
 @click.option("--cd/--no-cd", default=None, help="Contrastive distillation on or off (overrides the method).")
