@@ -73,17 +73,34 @@ def _init_distributed(device_opt):
 @click.option("--max-retries", type=int, default=10, show_default=True,
               help="Regenerations (next seed) of an image the safety checker blacked out.")
 @click.option("--jpeg-quality", type=int, default=75, show_default=True, help="JPEG quality (Pillow's default).")
-@click.option("--template", default="a photo of a {}.", show_default=True, help="Prompt template.")
+@click.option("--template", default=None,
+              help="One template for every pool entry (default: each data set's own first template, as the "
+                   "authors; ImageNet names: 'a photo of a {}.').")
 @click.option("--overwrite", is_flag=True, help="Regenerate images of another configuration in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--prompts-only", is_flag=True,
+              help="Write every task's image_text.csv and manifest, no images: no model is loaded (seconds on a CPU).")
+@click.option("--prompts-from", type=click.Path(file_okay=False), default=None,
+              help="Generate images for the prompts of DIR/<Task>_Syn/image_text.csv (e.g. the authors' released "
+                   "files; rows are matched by file name). --images-per-task: the first N rows (default all).")
+@click.option("--seed-scheme", type=click.Choice(["hash", "authors"]), default="hash", show_default=True,
+              help="hash: per-image hashed seeds and prompt draws. authors: the authors' txt2img.py: prompts from "
+                   "Python's random.Random(--seed) task after task, image j of task t seed "
+                   "j + 100000*(t-1) + 10**7*seed (t 0-based).")
+@click.option("--pool-exclude", default=None,
+              help="Comma-separated data sets whose classes stay out of the prompt pool (paper Fig. 9), "
+                   "e.g. ImageNet or Aircraft; recorded in the manifests.")
 def synth(order, task_file, only, steps, images_per_task, out, model, guidance, batch_size, dtype, bf16_flag,
           compile_, compile_vae, compile_mode, seed, preset, device, attention, sdpa_backend, scheduler, height,
-          width, no_safety_checker, max_retries, jpeg_quality, template, overwrite, quiet):
+          width, no_safety_checker, max_retries, jpeg_quality, template, overwrite, quiet, prompts_only,
+          prompts_from, seed_scheme, pool_exclude):
     """Generate the synthetic replay images of GIFT for every task of a sequence.
 
     \b
     gift-fast synth --order 1 --steps 25 --images-per-task 1000 --out data/synthetic --bf16
     gift-fast synth --preset tiny                      # seconds on a CPU, no download
+    gift-fast synth --order 1 --prompts-only --out data/synthetic   # the prompts only, no model
+    gift-fast synth --order 1 --prompts-from AUTHORS_DIR --seed-scheme authors --out data/synthetic
     torchrun --nproc_per_node 8 -m gift_fast.cli.main synth --order 1 ...   # shards images over GPUs
     """
     import logging
@@ -94,7 +111,8 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     defaults = PRESETS.get(preset, {})
     steps = steps if steps is not None else defaults.get("steps", 50)
-    images_per_task = images_per_task if images_per_task is not None else defaults.get("images_per_task", 1000)
+    if images_per_task is None and not prompts_from:   # --prompts-from: all rows unless given
+        images_per_task = defaults.get("images_per_task", 1000)
     batch_size = batch_size if batch_size is not None else defaults.get("batch_size", 16)
     out = out if out is not None else defaults.get("out", "data/synthetic")
     height = height if height is not None else defaults.get("height")
@@ -109,8 +127,10 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
         raise click.UsageError("--preset tiny builds its own model: drop --model (or drop --preset)")
     if order is not None and task_file:
         raise click.UsageError("give --order or --task-file, not both")
+    if prompts_only and prompts_from:
+        raise click.UsageError("--prompts-only writes new prompts; --prompts-from reads existing ones: give one")
     for name, v in (("--steps", steps), ("--images-per-task", images_per_task), ("--batch-size", batch_size)):
-        if v < 1:
+        if v is not None and v < 1:
             raise click.BadParameter(f"{name} must be >= 1, got {v}")
 
     base = None
@@ -132,10 +152,24 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
             raise click.UsageError(f"unknown task(s) in --tasks: {', '.join(unknown)}; "
                                    f"the sequence has: {', '.join(t[0] for t in tasks)}")
 
+    exclude = [s.strip() for s in pool_exclude.split(",") if s.strip()] if pool_exclude else []
+    if exclude:
+        base_name = "ImageNet" if base is None else "base"
+        known = [base_name] + [t[0] for t in tasks]
+        unknown = [e for e in exclude if e not in known]
+        if unknown:
+            raise click.UsageError(f"unknown data set(s) in --pool-exclude: {', '.join(unknown)}; "
+                                   f"the pool's sources are: {', '.join(known)}")
+
     try:  # before loading a model that may take a minute
         check_writable(out)
     except SynthError as e:
         raise click.UsageError(str(e)) from None
+    sequence_kw = dict(seed_scheme=seed_scheme, pool_exclude=exclude, prompts_from=prompts_from)
+    if prompts_only:
+        _prompts_only(tasks=tasks, out=out, images_per_task=images_per_task, seed=seed, base=base,
+                      template=template, only_list=only_list, sequence_kw=sequence_kw)
+        return
     rank, world, dev = _init_distributed(device)
 
     gen_kwargs = dict(steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
@@ -150,13 +184,33 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
         _run(preset=preset, model=model, dev=dev, dtype=dtype, no_safety_checker=no_safety_checker,
              gen_kwargs=gen_kwargs, tasks=tasks, out=out, images_per_task=images_per_task, seed=seed, base=base,
              template=template, only_list=only_list, batch_size=batch_size, rank=rank, world=world, quiet=quiet,
-             jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite, t0=t0)
+             jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite, t0=t0,
+             sequence_kw=sequence_kw)
     finally:
         torch.set_num_threads(threads)
 
 
+def _prompts_only(*, tasks, out, images_per_task, seed, base, template, only_list, sequence_kw):
+    """--prompts-only: the CSVs and manifests, no model (nothing heavy is imported)."""
+    import time
+
+    from gift_fast.synth.engine import SynthError, synthesize_sequence
+
+    t0 = time.perf_counter()
+    try:
+        manifest = synthesize_sequence(None, tasks, out, images_per_task=images_per_task, seed=seed,
+                                       base_classnames=base, template=template, only=only_list, prompts_only=True,
+                                       run_info={"command": " ".join(["gift-fast"] + sys.argv[1:])}, **sequence_kw)
+    except (SynthError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    n = len(manifest.get("tasks", {}))
+    _echo(f"prompts only: {out} | {n} tasks x {images_per_task} prompts ({sequence_kw['seed_scheme']} scheme) | "
+          f"{time.perf_counter() - t0:.1f} s")
+
+
 def _run(*, preset, model, dev, dtype, no_safety_checker, gen_kwargs, tasks, out, images_per_task, seed, base,
-          template, only_list, batch_size, rank, world, quiet, jpeg_quality, max_retries, overwrite, t0):
+          template, only_list, batch_size, rank, world, quiet, jpeg_quality, max_retries, overwrite, t0,
+          sequence_kw):
     """Load the generator and synthesize (after the options were checked)."""
     import time
 
@@ -176,15 +230,15 @@ def _run(*, preset, model, dev, dtype, no_safety_checker, gen_kwargs, tasks, out
     cfg = generator.describe()["config"]
     _echo(f"gift-fast synth: {cfg['model']} | {cfg['scheduler']} {cfg['steps']} steps | guidance {cfg['guidance']} | "
           f"{cfg['height']}x{cfg['width']} | {str(generator.dtype).replace('torch.', '')} on {dev} | "
-          f"{len(tasks)} tasks x {images_per_task} images | world size {world} | "
+          f"{len(tasks)} tasks x {images_per_task or 'all CSV'} images | world size {world} | "
           f"loaded in {time.perf_counter() - t0:.1f} s", rank)
     try:
         manifest = synthesize_sequence(
             generator, tasks, out, images_per_task=images_per_task, seed=seed, base_classnames=base,
             template=template, only=only_list, batch_size=batch_size, rank=rank, world_size=world,
             progress=not quiet, jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite,
-            run_info={"command": " ".join(["gift-fast"] + sys.argv[1:])})
-    except (SynthError, ValueError) as e:
+            run_info={"command": " ".join(["gift-fast"] + sys.argv[1:])}, **sequence_kw)
+    except (SynthError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         _echo(f"attention: {generator.attention_summary()}", rank)

@@ -568,13 +568,19 @@ class ContinualTrainer:
         if cfg.reference_images:
             return load_reference_set(cfg.reference_images, cfg.images_per_task, seed=self._synth_seed(),
                                       task_index=t, image_size=size, progress=self._progress)
+        from gift_fast.synth.engine import sequence_sources
+        from gift_fast.synth.prompts import sequence_prompts
+
+        # The synth engine's pool (one rule for both): base names and every earlier task's names, each
+        # entry templated with its own data set's first template.
+        # A task may name another pool template in its meta (the CIL steps do).
+        base, sources = sequence_sources([(x.name, x.classnames, x.meta.get("pool_template") or x.templates[0])
+                                          for x in self.tasks], base_classnames=self._base_classnames())
         if cfg.synth == "on-the-fly":
             from gift_fast.synth.engine import synthesize_task
-            from gift_fast.synth.prompts import build_class_pool, sample_prompts
 
             gen = self._get_generator()
-            pool = build_class_pool(self._base_classnames(), [x.classnames for x in self.tasks[:t]])
-            prompts = sample_prompts(pool, cfg.images_per_task, seed=self._synth_seed(), task_index=t)
+            prompts = sequence_prompts(base, sources, cfg.images_per_task, seed=self._synth_seed())[t]
             root = self.out / "synthetic"
             fmt = "png" if getattr(gen, "name", "") == "toy" else "jpeg"
             # each process generates its share (the engine's rank sharding); rank 0 writes the index
@@ -584,7 +590,8 @@ class ContinualTrainer:
             self.dist.barrier()          # the index is complete before anyone reads it
             return load_synthetic_set(root, task.name, image_size=size, progress=self._progress)
         return load_synthetic_set(cfg.synth, task.name, image_size=size, limit=cfg.images_per_task,
-                                  progress=self._progress)
+                                  progress=self._progress, sequence=[x.name for x in self.tasks],
+                                  pool_sources=[(s.name, s.prompts()) for s in [base] + sources[:t]])
 
     @property
     def _progress(self) -> bool:

@@ -205,8 +205,9 @@ def test_cifar100_cil_from_fake_folder(fake_root, tmp_path):
     # the synthesis task file: the steps in order, the base set as the pool
     from gift_fast.synth.engine import load_task_file
     tasks, base = load_task_file(plain.write_synth_task_file(str(tmp_path / "run" / "synth-tasks.json")))
-    assert [n for n, _ in tasks] == [t.name for t in plain.tasks] and tasks[2][1] == plain.tasks[2].classnames
-    assert base == plain.base_classnames and "/" not in "".join(n for n, _ in tasks)
+    assert [n for n, *_ in tasks] == [t.name for t in plain.tasks] and tasks[2][1] == plain.tasks[2].classnames
+    assert {tmpl for _, _, tmpl in tasks} == {"a photo of a {}."}      # the pool template, not the CE one
+    assert base == plain.base_classnames and "/" not in "".join(n for n, *_ in tasks)
     with relaxed_md5_checks(), pytest.raises(ValueError, match="differs from the one recorded"):
         build_cil("cifar100-cil", 10, fake_root, image_size=32, seed=7, record_dir=str(tmp_path / "run"))
 

@@ -59,6 +59,8 @@ def test_task_file(tmp_path):
     (["--preset", "tiny", "--model", "x"], "drop --model"),
     (["--preset", "tiny", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--preset", "tiny", "--task-file", "/nonexistent/tasks.json"], "does not exist"),
+    (["--order", "1", "--pool-exclude", "Birds"], "unknown data set(s) in --pool-exclude: Birds"),
+    (["--order", "1", "--prompts-only", "--prompts-from", "x"], "give one"),
 ])
 def test_clear_errors(args, msg):
     r = CliRunner().invoke(main, ["synth", *args])
@@ -77,3 +79,37 @@ def test_model_folder_that_is_not_a_pipeline_and_unwritable_output(tmp_path):
     blocker.write_text("")
     r = CliRunner().invoke(main, ["synth", "--preset", "tiny", "--out", str(blocker / "sub")])
     assert r.exit_code != 0 and "not writable" in r.output, r.output
+
+
+def test_prompts_only_loads_no_model_and_records_the_pool(tmp_path):
+    import sys
+    out = tmp_path / "p"
+    had_diffusers = "diffusers" in sys.modules
+    r = _invoke("--order", "2", "--prompts-only", "--images-per-task", "50", "--out", str(out),
+                "--pool-exclude", "StanfordCars", "--tasks", "StanfordCars,Food,MNIST")
+    assert r.exit_code == 0, r.output
+    assert "prompts only" in r.output
+    assert had_diffusers or "diffusers" not in sys.modules        # no model code was imported
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["prompts_only"] and m["pool"]["pool_exclude"] == ["StanfordCars"] and m["seed_scheme"] == "hash"
+    assert m["order"][:3] == ["StanfordCars", "Food", "MNIST"] and m["generator"] is None
+    texts = [row[1] for row in list(csv.reader(open(out / "MNIST_Syn" / "image_text.csv")))[1:]]
+    assert len(texts) == 50 and not any("a type of car" in t for t in texts)
+    tm = json.loads((out / "MNIST_Syn" / "manifest.json").read_text())
+    assert tm["pool_tasks"] == ["Food"] and tm["pool_size"] == 1000 + 101 and tm["template"].startswith("a photo of")
+
+
+def test_prompts_from_with_the_tiny_preset(tmp_path):
+    src = tmp_path / "authors" / "ToyAnimals_Syn"
+    src.mkdir(parents=True)
+    (src / "image_text.csv").write_text("image,text\n./data/synthetic/synthetic_data_a/ToyAnimals_Syn/1.jpeg,"
+                                        "a photo of a circle.\n./data/synthetic/synthetic_data_a/ToyAnimals_Syn/0.jpeg,"
+                                        "a photo of a tench.\n")
+    out = tmp_path / "o"
+    r = _invoke("--preset", "tiny", "--tasks", "ToyAnimals", "--prompts-from", str(tmp_path / "authors"),
+                "--seed-scheme", "authors", "--steps", "1", "--quiet", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    rows = list(csv.reader(open(out / "ToyAnimals_Syn" / "image_text.csv")))[1:]
+    assert rows == [["0.jpeg", "a photo of a tench."], ["1.jpeg", "a photo of a circle."]]
+    tm = json.loads((out / "ToyAnimals_Syn" / "manifest.json").read_text())
+    assert tm["seed_scheme"] == "authors" and tm["images"] == 2

@@ -268,15 +268,17 @@ def test_sequence_pools_prompts_only_and_run_manifest(tmp_path):
 
 def test_task_files_json_and_csv(tmp_path):
     j = tmp_path / "tasks.json"
-    j.write_text(json.dumps({"tasks": [{"name": "Birds", "classnames": ["robin", "wren"]},
+    j.write_text(json.dumps({"tasks": [{"name": "Birds", "classnames": ["robin", "wren"],
+                                        "template": "a photo of a {}, a bird."},
                                        {"name": "Trees", "classnames": ["oak"]}],
                              "base_classnames": ["thing"]}))
     tasks, base = load_task_file(j)
-    assert tasks == [("Birds", ["robin", "wren"]), ("Trees", ["oak"])] and base == ["thing"]
+    assert tasks == [("Birds", ["robin", "wren"], "a photo of a {}, a bird."), ("Trees", ["oak"], None)]
+    assert base == ["thing"]
     c = tmp_path / "tasks.csv"
     c.write_text("task,classname\nBirds,robin\nTrees,oak\nBirds,\"wren, the small\"\n")
     tasks, base = load_task_file(c)
-    assert tasks == [("Birds", ["robin", "wren, the small"]), ("Trees", ["oak"])] and base is None
+    assert tasks == [("Birds", ["robin", "wren, the small"], None), ("Trees", ["oak"], None)] and base is None
     bad = tmp_path / "bad.csv"
     bad.write_text("name,label\nA,b\n")
     with pytest.raises(ValueError, match="header 'task,classname'"):
@@ -293,5 +295,116 @@ def test_mtil_tasks_order_1_and_unknown_order():
     tasks = mtil_tasks(1)
     assert [t[0] for t in tasks][:3] == ["Aircraft", "Caltech101", "CIFAR100"] and len(tasks) == 11
     assert len(tasks[0][1]) == 100
+    # each task carries its own first template: the one its entries in the prompt pool use
+    assert tasks[0][2] == "a photo of a {}, a type of aircraft." and tasks[7][2] == 'a photo of the number: "{}".'
     with pytest.raises(ValueError, match="unknown order 3"):
         mtil_tasks(3)
+
+
+# --------------------------------------------------------------------------- protocol options (issue 13)
+TASKS3 = [("A", ["a1", "a2"], "an {} of A."), ("B", ["b1"], "a {}, from B."), ("C", ["c1", "c2", "c3"])]
+
+
+def _csv_rows(path):
+    return list(csv.reader(open(path, newline="")))[1:]
+
+
+def test_pool_entries_use_their_own_template_and_pool_exclude(tmp_path):
+    synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "o", images_per_task=60, seed=1, base_classnames=["x"],
+                        progress=False)
+    c = {r[1] for r in _csv_rows(tmp_path / "o/C_Syn/image_text.csv")}
+    assert c == {"a photo of a x.", "an a1 of A.", "an a2 of A.", "a b1, from B."}   # 60 draws from 4
+    man = synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "e", images_per_task=60, seed=1,
+                              base_classnames=["x"], pool_exclude=["A"], progress=False)
+    c = {r[1] for r in _csv_rows(tmp_path / "e/C_Syn/image_text.csv")}
+    assert c == {"a photo of a x.", "a b1, from B."}
+    tm = json.loads((tmp_path / "e/C_Syn/manifest.json").read_text())
+    assert tm["pool_exclude"] == ["A"] and tm["pool_tasks"] == ["B"] and tm["pool_size"] == 2
+    assert man["pool"]["pool_exclude"] == ["A"] and man["tasks"]["C"]["pool_tasks"] == ["B"]
+    with pytest.raises(ValueError, match="unknown data set.*Z"):
+        synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "z", images_per_task=2, seed=1,
+                            base_classnames=["x"], pool_exclude=["Z"], progress=False)
+    with pytest.raises(ValueError, match="pool of task 0 .*empty"):
+        synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "z", images_per_task=2, seed=1,
+                            base_classnames=["x"], pool_exclude=["base"], progress=False)
+    # one template for all entries: the old single-template rule, on request
+    synthesize_sequence(FakeGenerator(), TASKS3, tmp_path / "t", images_per_task=60, seed=1, base_classnames=["x"],
+                        template="{} only", only=["C"], progress=False)
+    assert {r[1] for r in _csv_rows(tmp_path / "t/C_Syn/image_text.csv")} == {"x only", "a1 only", "a2 only",
+                                                                              "b1 only"}
+
+
+def test_prompts_only_needs_no_generator_and_a_later_run_fills_the_folder(tmp_path):
+    out = tmp_path / "p"
+    man = synthesize_sequence(None, TASKS3, out, images_per_task=12, seed=4, base_classnames=["x"],
+                              prompts_only=True, progress=False)
+    assert man["prompts_only"] and sorted(p.name for p in (out / "B_Syn").iterdir()) == ["image_text.csv",
+                                                                                        "manifest.json"]
+    tm = json.loads((out / "B_Syn/manifest.json").read_text())
+    assert tm["prompts_only"] and not tm["complete"] and tm["images"] == 12 and tm["pool_tasks"] == ["A"]
+    only_prompts = _csv_rows(out / "B_Syn/image_text.csv")
+    # the same options with a generator: same prompts, now with images (no "another configuration" refusal)
+    synthesize_sequence(FakeGenerator(), TASKS3, out, images_per_task=12, seed=4, base_classnames=["x"],
+                        progress=False)
+    assert _csv_rows(out / "B_Syn/image_text.csv") == only_prompts
+    assert len(list((out / "B_Syn").glob("*.jpeg"))) == 12
+    with pytest.raises(SynthError, match="holds generated images"):
+        synthesize_sequence(None, TASKS3, out, images_per_task=12, seed=4, base_classnames=["x"], prompts_only=True)
+    with pytest.raises(ValueError, match="generator is needed"):
+        synthesize_sequence(None, TASKS3, tmp_path / "q", images_per_task=2, seed=4, base_classnames=["x"])
+
+
+def test_prompts_from_the_authors_layout(tmp_path):
+    # the authors' CSV: image column with the path txt2img.py saw, rows in any order
+    src = tmp_path / "authors" / "B_Syn"
+    src.mkdir(parents=True)
+    tasks = [("A", ["3 - three", "a1"], 'a photo of the number: "{}".'), ("B", ["b1"]), ("C", ["c1"])]
+    texts = ["a photo of a x.", 'a photo of the number: "a1".', 'a photo of the number: "3 - three".',
+             "a photo of a x."]
+    rows = [f'./data/synthetic/synthetic_data_a/B_Syn/{j}.jpeg,"{texts[j].replace(chr(34), chr(34) * 2)}"'
+            for j in (2, 0, 3, 1)]
+    (src / "image_text.csv").write_text("image,text\n" + "\n".join(rows) + "\n")
+    gen = FakeGenerator()
+    synthesize_sequence(gen, tasks, tmp_path / "out", images_per_task=None, seed=42, base_classnames=["x"],
+                        only=["B"], prompts_from=tmp_path / "authors", seed_scheme="authors", progress=False)
+    assert [r[1] for r in _csv_rows(tmp_path / "out/B_Syn/image_text.csv")] == texts
+    # image j of the task after data set k=1 (A, task index 1): j + 100000 * 0 + 10**7 * 42
+    assert sorted(gen.seeds_seen()) == [420_000_000 + j for j in range(4)]
+    m = read_image_meta(tmp_path / "out/B_Syn/3.jpeg", decode=True)
+    assert m["prompt"] == texts[3] and m["seed"] == 420_000_003
+    tm = json.loads((tmp_path / "out/B_Syn/manifest.json").read_text())
+    assert tm["seed_scheme"] == "authors" and "10**7" in tm["seed_rule"] and "prompts from" in tm["prompt_source"]
+    # the first N rows; more than there are is an error; a missing task file is named
+    synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out2", images_per_task=2, seed=42,
+                        base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors", progress=False)
+    assert [r[1] for r in _csv_rows(tmp_path / "out2/B_Syn/image_text.csv")] == texts[:2]
+    with pytest.raises(ValueError, match="has 4 prompts"):
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out3", images_per_task=5, seed=42,
+                            base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
+    with pytest.raises(FileNotFoundError, match="C_Syn/image_text.csv"):
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out3", images_per_task=None, seed=42,
+                            base_classnames=["x"], only=["C"], prompts_from=tmp_path / "authors")
+    with pytest.raises(SynthError, match="is the output folder"):
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "authors", images_per_task=None, seed=42,
+                            base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
+    # prompts that cannot come from this sequence's pool (another order) are refused
+    with pytest.raises(SynthError, match="not in this sequence's pool for B.*another order"):
+        synthesize_sequence(FakeGenerator(), tasks[::-1], tmp_path / "out5", images_per_task=None, seed=42,
+                            base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
+    (src / "image_text.csv").write_text("image,text\n0.jpeg,a\n2.jpeg,b\n")
+    with pytest.raises(ValueError, match="numbered 0..n-1"):
+        synthesize_sequence(FakeGenerator(), tasks, tmp_path / "out4", images_per_task=None, seed=42,
+                            base_classnames=["x"], only=["B"], prompts_from=tmp_path / "authors")
+
+
+def test_seed_scheme_authors_changes_the_fingerprint_and_keeps_hash_folders_valid(tmp_path):
+    gen = FakeGenerator()
+    _run(gen, tmp_path, n=3, task_index=0)
+    first = read_image_meta(tmp_path / "Birds_Syn/0.jpeg", decode=True)
+    assert first["seed"] == image_seed(7, 0, 0)   # the default scheme is unchanged
+    with pytest.raises(SynthError, match="seed_scheme"):
+        _run(FakeGenerator(), tmp_path, n=3, task_index=0, seed_scheme="authors")
+    gen = FakeGenerator()
+    _run(gen, tmp_path / "a", n=3, task_index=0, seed_scheme="authors")
+    # task index 0 follows ImageNet (k = 0): j + 100000 * (0 - 1) + 10**7 * 7
+    assert sorted(gen.seeds_seen()) == [70_000_000 - 100_000 + j for j in range(3)]

@@ -56,6 +56,9 @@ from torch.utils.data import Dataset
 from gift_fast.data.base import TaskSpec
 
 CIL_TEMPLATE = "a bad photo of a {}."
+# How a step's classes enter the synthetic prompt pool (the TaskSpec's "pool_template"): the CIL runs keep
+# "a photo of a {}." rather than the classifier's CIL_TEMPLATE (the authors' pool rule is MTIL's).
+CIL_POOL_TEMPLATE = "a photo of a {}."
 DEFAULT_CLASS_ORDER_SEED = 1993
 DEFAULT_BASE_SEED = 0
 DEFAULT_CIL_LR = 1e-5
@@ -594,7 +597,8 @@ class CILBenchmark:
     def synth_tasks(self) -> dict:
         """The synthesis task list of this run (``gift-fast synth --task-file``'s JSON): the training
         steps with their class names, and the 100 non-overlapping ImageNet names as the base pool."""
-        return {"tasks": [{"name": t.name, "classnames": list(t.classnames)} for t in self.tasks],
+        return {"tasks": [{"name": t.name, "classnames": list(t.classnames),
+                           "template": t.meta.get("pool_template", CIL_POOL_TEMPLATE)} for t in self.tasks],
                 "base_classnames": list(self.base_classnames)}
 
     def write_synth_task_file(self, path: str) -> str:
@@ -631,7 +635,8 @@ def build_steps(benchmark: str, split: CILSplit, train: Dataset, test: Dataset, 
             raise ValueError(f"{proto.name} step {t}: no training image of its classes {cls[:5]}...")
         tasks.append(TaskSpec(name=f"{proto.name}-{split.steps}-step{t:02d}",
                               classnames=[split.classnames[c] for c in cls], templates=tmpl, train=tr, test=te, lr=lr,
-                              meta={**common, "classes": list(cls), "train_size": len(tr), "test_size": len(te)}))
+                              meta={**common, "classes": list(cls), "train_size": len(tr), "test_size": len(te),
+                                    "pool_template": CIL_POOL_TEMPLATE}))
         cum = class_subset(test, {c: position[c] for c in seen}, test_labels)
         evals.append(TaskSpec(name=f"{proto.name}-{split.steps}-seen{t:02d}",
                               classnames=[split.classnames[c] for c in seen], templates=tmpl, train=None, test=cum,

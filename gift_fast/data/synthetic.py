@@ -6,8 +6,14 @@ in the reference implementation's layout::
     <root>/<Task>_Syn/image_text.csv     header "image,text": one row per image
     <root>/<Task>_Syn/<i>.jpeg           the images
 
+The authors' own folders (their ``txt2img.py`` writes ``./data/synthetic/...`` paths
+in the ``image`` column) are read too: each row is resolved by its file name inside
+the CSV's folder. A folder made for another task order is refused
+(``check_folder_sequence``; docs/PROTOCOL_PROMPTS.md).
+
 ``load_synthetic_set`` reads it the way the reference loader does: all-black
-images (the safety checker's output) are dropped, and the ITA label of a pair is
+images (the safety checker's output) are dropped first, then the first N are
+kept, and the ITA label of a pair is
 the id of its prompt among the distinct prompts of the set (several images may
 share a prompt). The images are decoded once, resized (shorter side, bicubic)
 and centre-cropped to the model's input size, and kept as uint8; the set is fixed
@@ -19,6 +25,7 @@ the paper: distillation on ImageNet images instead of synthetic ones).
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +106,119 @@ def synthetic_folder(root: str | os.PathLike, task_name: str) -> Path:
     return Path(root) / f"{task_name}_Syn"
 
 
-def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: int, limit: Optional[int] = None,
-                       progress: bool = True) -> DistillSet:
-    """Read ``<root>/<task_name>_Syn`` (see the module doc); ``limit`` keeps the first n rows.
+# A data set expected to supply at least this many of a folder's prompts must supply one (P(none) < e**-20).
+MIN_EXPECTED_DRAWS = 20
 
-    The first n rows of a folder are the first n images its seeds produce, so a
-    smaller set is a subset of a larger one (the paper's Fig. 3).
+
+class SyntheticFolderMismatch(ValueError):
+    """A synthetic folder was made for another task sequence (order) than the run's."""
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _image_index(value: str) -> Optional[int]:
+    name = str(value).replace("\\", "/").rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0]
+    return int(stem) if stem.isdigit() else None
+
+
+def read_synthetic_rows(folder: Path) -> List[tuple]:
+    """``(path, prompt)`` of every row of ``folder/image_text.csv``, in image order.
+
+    The ``image`` column may hold a bare file name (this project) or the path the authors'
+    ``txt2img.py`` saw (``./data/synthetic/synthetic_data_a/Aircraft_Syn/0.jpeg``): each row is
+    resolved by its file name inside the CSV's folder. Rows named ``<i>.<ext>`` are put in index
+    order (the order the seeds made them)."""
+    csv_path = folder / "image_text.csv"
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"image", "text"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path} must have the header 'image,text', got {reader.fieldnames}")
+        rows = [(r["image"], r["text"]) for r in reader]
+    out = [(folder / str(img).replace("\\", "/").rsplit("/", 1)[-1], text) for img, text in rows]
+    idx = [_image_index(img) for img, _ in rows]
+    if all(i is not None for i in idx):
+        out = [row for _, row in sorted(zip(idx, out), key=lambda p: p[0])]
+    return out
+
+
+def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Optional[Sequence[str]],
+                          pool_sources: Optional[Sequence[tuple]] = None,
+                          prompts: Optional[Sequence[str]] = None) -> None:
+    """Refuse a synthetic folder made for another task sequence than ``sequence`` (the run's task names).
+
+    The prompt pool of a task holds the classes of the tasks before it, so a folder made for Order I
+    has other prompts than Order II needs. Checked, in this order of preference: the task manifest's
+    ``pool_tasks`` (the tasks whose classes its pool held, less its ``pool_exclude``); the run
+    manifest's ``order``; for a folder without manifests (the authors' layout), from its prompts:
+    ``pool_sources`` is the run's pool of this task as ``(data set, its templated entries)`` pairs;
+    every prompt must be in the pool, and a data set whose entries should account for at least
+    ``MIN_EXPECTED_DRAWS`` of the prompts (uniform draws) must have at least one (the chance that
+    it has none is below e**-20)."""
+    if not sequence or task_name not in sequence:
+        return
+    folder = synthetic_folder(root, task_name)
+    t = list(sequence).index(task_name)
+    fix = (f"Synthesize this sequence's own folder (gift-fast synth --order N / --task-file, --out DIR) and "
+           f"pass that to --synth")
+    tm = _read_json(folder / "manifest.json") or {}
+    if isinstance(tm.get("pool_tasks"), list):
+        exclude = set(tm.get("pool_exclude") or [])
+        want = [n for n in sequence[:t] if n not in exclude]
+        if tm["pool_tasks"] != want:
+            made = tm.get("sequence") or tm["pool_tasks"]
+            raise SyntheticFolderMismatch(
+                f"{folder} was made for another task sequence: its {task_name} prompts come from a pool with the "
+                f"classes of {tm['pool_tasks'] or 'no earlier task'} (sequence {made}), but in this run "
+                f"{task_name} follows {want or 'no earlier task'}. {fix}")
+        return
+    rm = _read_json(Path(root) / "manifest.json") or {}
+    order = rm.get("order")
+    if isinstance(order, list) and task_name in order:
+        before = order[:order.index(task_name)]
+        if before != list(sequence[:t]):
+            raise SyntheticFolderMismatch(
+                f"{folder} was made for the sequence {order} (manifest.json), where {task_name} follows "
+                f"{before or 'no earlier task'}; in this run it follows {list(sequence[:t]) or 'no earlier task'}. "
+                f"{fix}")
+        return
+    if pool_sources is not None and prompts is not None:
+        parts = [(str(name), list(entries)) for name, entries in pool_sources]
+        size = sum(len(e) for _, e in parts)
+        allowed = {p for _, e in parts for p in e}
+        foreign = [p for p in prompts if p not in allowed]
+        if foreign:
+            raise SyntheticFolderMismatch(
+                f"{folder} has no manifest and {len(foreign)} of its {len(prompts)} prompts cannot come from this "
+                f"run's pool for {task_name} (the classes of {[n for n, _ in parts]}), e.g. "
+                f"{foreign[0]!r}: it was made for another task order. {fix}")
+        drawn = set(prompts)
+        for name, entries in parts:
+            expected = len(prompts) * len(entries) / max(size, 1)
+            if expected >= MIN_EXPECTED_DRAWS and not drawn & set(entries):
+                raise SyntheticFolderMismatch(
+                    f"{folder} has no manifest and none of its {len(prompts)} prompts comes from {name} (about "
+                    f"{expected:.0f} would if it had been drawn from this run's pool for {task_name}, the classes of "
+                    f"{[n for n, _ in parts]}): it was made for another task order. {fix}")
+
+
+def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: int, limit: Optional[int] = None,
+                       progress: bool = True, sequence: Optional[Sequence[str]] = None,
+                       pool_sources: Optional[Sequence[tuple]] = None) -> DistillSet:
+    """Read ``<root>/<task_name>_Syn`` (see the module doc): all-black images are dropped first,
+    then ``limit`` keeps the first n of the rest (in image order), as the authors' loader does.
+
+    The first n images of a folder are the first n its seeds produce, so a smaller set is a
+    subset of a larger one (the paper's Fig. 3). ``sequence`` (the run's task names) and
+    ``pool_sources`` (the run's prompt pool of this task, ``(data set, entries)`` pairs): refuse a
+    folder made for another order (``check_folder_sequence``).
     """
     folder = synthetic_folder(root, task_name)
     csv_path = folder / "image_text.csv"
@@ -116,29 +230,42 @@ def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: i
         raise FileNotFoundError(
             f"{csv_path} is missing: the synthetic folder of {task_name!r} is incomplete (the engine writes the "
             f"CSV last). Run `gift-fast synth` again with the same arguments to finish it")
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"image", "text"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path} must have the header 'image,text', got {reader.fieldnames}")
-        rows = [(r["image"], r["text"]) for r in reader]
-    if limit is not None:
-        if limit <= 0:
-            raise ValueError(f"images_per_task must be positive, got {limit}")
-        rows = rows[:limit]
+    if (_read_json(folder / "manifest.json") or {}).get("prompts_only"):
+        raise FileNotFoundError(
+            f"{folder} holds prompts only (gift-fast synth --prompts-only): generate its images with "
+            f"`gift-fast synth --prompts-from {root} --out OTHER_DIR ...` or rerun gift-fast synth without "
+            f"--prompts-only into {root}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"images_per_task must be positive, got {limit}")
+    rows = read_synthetic_rows(folder)
     if not rows:
         raise ValueError(f"{csv_path} lists no image")
-    paths = [folder / name for name, _ in rows]
-    missing = [str(p) for p in paths if not p.is_file()]
+    check_folder_sequence(root, task_name, sequence, pool_sources, [t for _, t in rows])
+    missing = [str(p) for p, _ in rows if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images listed in {csv_path} are missing, e.g. {missing[:3]}")
-    pixels = _read_images(paths, image_size, progress, f"reading {task_name} synthetic images")
-    keep = pixels.reshape(len(rows), -1).max(axis=1) > 0            # the reference drops all-black images
-    if not keep.any():
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(rows)} images listed in {csv_path} are missing in {folder}, e.g. "
+            f"{missing[:3]}. The authors release prompts only: generate the images with "
+            f"`gift-fast synth --prompts-from {root} --out OTHER_DIR ...`")
+    want = len(rows) if limit is None else min(limit, len(rows))
+    kept_pixels: List[np.ndarray] = []
+    kept_texts: List[str] = []
+    dropped = 0
+    start = 0
+    while len(kept_texts) < want and start < len(rows):
+        # decode only as many rows as still needed; black ones are replaced by the next rows
+        chunk = rows[start:start + (want - len(kept_texts))]
+        start += len(chunk)
+        pixels = _read_images([p for p, _ in chunk], image_size, progress, f"reading {task_name} synthetic images")
+        keep = pixels.reshape(len(chunk), -1).max(axis=1) > 0      # the reference drops all-black images
+        dropped += int((~keep).sum())
+        kept_pixels.append(pixels[keep])
+        kept_texts += [t for (_, t), k in zip(chunk, keep) if k]
+    if not kept_texts:
         raise ValueError(f"every image in {folder} is black (safety checker output): nothing to distill on")
-    texts = [t for (_, t), k in zip(rows, keep) if k]
-    prompts, labels = _distinct_ids(texts)
-    images = torch.from_numpy(np.ascontiguousarray(pixels[keep].transpose(0, 3, 1, 2)))
-    return DistillSet(images, labels, prompts, source=str(folder), dropped_black=int((~keep).sum()))
+    prompts, labels = _distinct_ids(kept_texts)
+    images = torch.from_numpy(np.ascontiguousarray(np.concatenate(kept_pixels).transpose(0, 3, 1, 2)))
+    return DistillSet(images, labels, prompts, source=str(folder), dropped_black=dropped)
 
 
 def _class_name(folder_name: str) -> str:
@@ -177,4 +304,5 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
     return DistillSet(images, labels, prompts, source=str(root))
 
 
-__all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "synthetic_folder"]
+__all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "synthetic_folder", "check_folder_sequence",
+           "read_synthetic_rows", "SyntheticFolderMismatch"]

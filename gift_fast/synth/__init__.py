@@ -1,7 +1,8 @@
 """Synthetic data engine: prompts from class names, image generators, the writer.
 
-* ``prompts``: the class pool (ImageNet names + learned tasks), seeded prompt sampling,
-  per-image seeds, sharding of image indices.
+* ``prompts``: the prompt pool (ImageNet names + learned tasks, each with its data set's
+  template), ``sequence_prompts`` (the draws; hash or the authors' scheme), per-image seeds,
+  sharding of image indices.
 * ``generators``: the ``ImageGenerator`` protocol, ``StableDiffusionGenerator`` (diffusers,
   fast batched path) and the tiny random pipeline for tests / CI.
 * ``engine``: ``synthesize_task`` / ``synthesize_sequence`` (batches, black-image retries,
@@ -9,10 +10,12 @@
 
 Submodules import torch / diffusers lazily; importing this package is cheap.
 """
-from .prompts import (DEFAULT_TEMPLATE, build_class_pool, image_seed, imagenet_classnames, sample_prompts,
-                      shard_indices)
+from .prompts import (DEFAULT_TEMPLATE, PoolSource, authors_image_seed, build_class_pool, image_seed,
+                      imagenet_classnames, pool_source, sample_prompts, seed_for, sequence_prompts, shard_indices,
+                      task_pools)
 
-__all__ = ["DEFAULT_TEMPLATE", "build_class_pool", "image_seed", "imagenet_classnames", "sample_prompts",
+__all__ = ["DEFAULT_TEMPLATE", "PoolSource", "authors_image_seed", "build_class_pool", "image_seed",
+           "imagenet_classnames", "pool_source", "sample_prompts", "seed_for", "sequence_prompts", "task_pools",
            "shard_indices", "synthesize_task", "synthesize_sequence", "StableDiffusionGenerator", "ImageGenerator"]
 
 

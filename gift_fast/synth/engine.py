@@ -16,9 +16,11 @@ there: its presence means the task folder is complete. All files are written to 
 temporary name and renamed (``os.replace``), so an interrupted run leaves no
 half-written file under a final name.
 
-Black images (the safety checker's replacement for flagged content) are
-generated again with the next seed of that image: attempt k uses
-``image_seed(seed, task_index, i, attempt=k)`` (= base + k * 1,000,000,007 mod 2**63),
+Image i's seed follows the run's seed scheme (``seed_for``: ``"hash"``, the default, or
+``"authors"``, the authors' ``txt2img.py`` seeds; docs/PROTOCOL_PROMPTS.md). Black images
+(the safety checker's replacement for flagged content) are generated again with the next
+seed of that image: attempt k uses ``seed_for(scheme, seed, task_index, i, attempt=k)``
+(= base + k * 1,000,000,007, mod 2**63 for the hash scheme),
 up to ``max_retries`` times; retries join the next batch, so batches stay full.
 An image still black after ``max_retries`` is kept (the reference's loader drops
 black images) and counted as ``black_kept``.
@@ -43,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .prompts import DEFAULT_TEMPLATE, build_class_pool, image_seed, sample_prompts, shard_indices
+from .prompts import (DEFAULT_TEMPLATE, IMAGENET_SYNTHETIC_TEMPLATE, SEED_SCHEMES, PoolSource, imagenet_pool_source,
+                      pool_source, pool_task_names, seed_for, sequence_prompts, shard_indices, task_pools)
 
 logger = logging.getLogger("gift_fast.synth")
 
@@ -52,6 +55,14 @@ MANIFEST_NAME = "manifest.json"
 META_KEY = "gift_fast"          # PNG text chunk key; JPEG uses the COM segment
 MANIFEST_VERSION = 1
 IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
+
+
+SEED_RULES = {
+    "hash": "image_seed(seed, task_index, i, attempt) = splitmix-hash(seed, task_index, i) "
+            "+ attempt * 1000000007 (mod 2**63); latents from torch.Generator('cpu').manual_seed",
+    "authors": "i + 100000 * (task_index - 1) + 10**7 * seed + attempt * 1000000007 (the authors' txt2img.py seed; "
+               "task_index 0-based); latents from torch.Generator('cpu').manual_seed",
+}
 
 
 class SynthError(RuntimeError):
@@ -237,10 +248,11 @@ def synthesize_task(generator, task_name: str, prompts: Sequence[str], out_root,
                     batch_size: int = 16, rank: int = 0, world_size: int = 1, progress: bool = True,
                     image_format: str = "jpeg", jpeg_quality: int = 75, max_retries: int = 10,
                     overwrite: bool = False, writer_threads: Optional[int] = None,
-                    extra_manifest: Optional[Dict[str, Any]] = None) -> Path:
+                    extra_manifest: Optional[Dict[str, Any]] = None, seed_scheme: str = "hash") -> Path:
     """Generate ``len(prompts)`` images of one task into ``<out_root>/<task_name>_Syn`` (this rank's share).
 
-    Image i uses ``prompts[i]`` and ``image_seed(seed, task_index, i)``; valid images
+    Image i uses ``prompts[i]`` and ``seed_for(seed_scheme, seed, task_index, i)`` (``"hash"``:
+    ``image_seed``; ``"authors"``: the authors' ``i + 100000 * (task_index - 1) + 10**7 * seed``); valid images
     from an earlier run of the same config are kept. Returns the task folder; its
     ``image_text.csv`` and ``manifest.json`` are complete when ``world_size == 1``, or on
     rank 0 after all ranks when ``torch.distributed`` is initialized.
@@ -255,12 +267,21 @@ def synthesize_task(generator, task_name: str, prompts: Sequence[str], out_root,
     n = len(prompts)
     ext = image_format
     folder = check_writable(Path(out_root) / f"{task_name}_Syn")
+    if seed_scheme not in SEED_SCHEMES:
+        raise ValueError(f"unknown seed scheme {seed_scheme!r}; use one of {', '.join(SEED_SCHEMES)}")
     identity = {"task": task_name, "task_index": int(task_index), "seed": int(seed),
                 "generator": generator_identity(generator), "image_format": ext}
+    if seed_scheme != "hash":   # absent for the default: folders made before the option keep their fingerprint
+        identity["seed_scheme"] = seed_scheme
     fp = _fingerprint(identity)
+
+    def image_seed(seed_, task_index_, i, attempt=0):
+        return seed_for(seed_scheme, seed_, task_index_, i, attempt)
 
     manifest_path = folder / MANIFEST_NAME
     old = read_json(manifest_path)
+    if old is not None and old.get("prompts_only"):
+        old = None   # written by --prompts-only: prompts, no images, nothing to conflict with
     if old is not None and old.get("fingerprint") != fp and not overwrite:
         raise SynthError(_mismatch_message(folder, old.get("identity", {}), identity))
 
@@ -289,7 +310,7 @@ def synthesize_task(generator, task_name: str, prompts: Sequence[str], out_root,
     stats = _generate_indices(generator, folder, prompts, todo, ext=ext, seed=seed, task_index=task_index, fp=fp,
                               batch_size=batch_size, max_retries=max_retries, jpeg_quality=jpeg_quality,
                               threads=threads, progress=progress, desc=_desc(task_name, rank, world_size),
-                              total=len(owned), initial=skipped)
+                              total=len(owned), initial=skipped, image_seed=image_seed)
     stats.update(skipped_valid=skipped, owned=len(owned))
     wall = time.perf_counter() - t_start
 
@@ -301,12 +322,12 @@ def synthesize_task(generator, task_name: str, prompts: Sequence[str], out_root,
         dist.barrier()
         if rank == 0:
             _finalize(folder, prompts, ext, fp, identity, seed, task_index, max_retries, run_stats, wall,
-                      world_size, extra_manifest, must_complete=True)
+                      world_size, extra_manifest, must_complete=True, seed_scheme=seed_scheme)
         dist.barrier()
     else:
         run_stats = dict(stats, wall_s=wall)
         _finalize(folder, prompts, ext, fp, identity, seed, task_index, max_retries, run_stats, wall,
-                  world_size, extra_manifest, must_complete=(world_size == 1))
+                  world_size, extra_manifest, must_complete=(world_size == 1), seed_scheme=seed_scheme)
     return folder
 
 
@@ -364,7 +385,8 @@ def _remove_stale_tmp(folder: Path, owned: Sequence[int], ext: str) -> None:
 
 
 def _generate_indices(generator, folder: Path, prompts, todo: List[int], *, ext, seed, task_index, fp,
-                      batch_size, max_retries, jpeg_quality, threads, progress, desc, total, initial) -> dict:
+                      batch_size, max_retries, jpeg_quality, threads, progress, desc, total, initial,
+                      image_seed: Callable[..., int]) -> dict:
     """Run the generator over ``todo`` in batches; retries of black images join the next batch."""
     stats = {"generated": 0, "black_retries": 0, "black_kept": 0, "gen_s": 0.0}
     if not todo:
@@ -427,7 +449,7 @@ def _sum_stats(items: Iterable[dict]) -> dict:
 
 
 def _finalize(folder: Path, prompts, ext, fp, identity, seed, task_index, max_retries, run_stats, wall,
-              world_size, extra_manifest, must_complete: bool) -> bool:
+              world_size, extra_manifest, must_complete: bool, seed_scheme: str = "hash") -> bool:
     """Write image_text.csv and the task manifest once all n images are present. True when written."""
     n = len(prompts)
     metas = []
@@ -453,8 +475,7 @@ def _finalize(folder: Path, prompts, ext, fp, identity, seed, task_index, max_re
         "version": MANIFEST_VERSION, "complete": True, "fingerprint": fp, "identity": identity,
         "task": identity["task"], "task_index": task_index, "seed": seed, "images": n,
         "distinct_prompts": len(set(prompts)), "image_format": ext,
-        "seed_rule": "image_seed(seed, task_index, i, attempt) = splitmix-hash(seed, task_index, i) "
-                     "+ attempt * 1000000007 (mod 2**63); latents from torch.Generator('cpu').manual_seed",
+        "seed_scheme": seed_scheme, "seed_rule": SEED_RULES[seed_scheme],
         "counts": {
             "images": n,
             "black_regenerated_images": len(retries),
@@ -481,21 +502,47 @@ def _finalize(folder: Path, prompts, ext, fp, identity, seed, task_index, max_re
 # ----------------------------------------------------------------------------------------------
 # a whole continual sequence
 
+def sequence_sources(tasks, *, base_classnames: Optional[Sequence[str]] = None,
+                     template: Optional[str] = None) -> Tuple[PoolSource, List[PoolSource]]:
+    """The pool sources of a sequence: the base (ImageNet's names with ``"a photo of a {}."`` unless
+    ``base_classnames`` is given) and one per task, each with its own first template.
+
+    ``tasks``: ``(name, classnames)`` or ``(name, classnames, template)`` items (no template:
+    ``DEFAULT_TEMPLATE``). ``template`` given: every entry, base included, uses it (the old
+    single-template rule; not the authors')."""
+    tasks = _check_tasks(tasks)
+    if base_classnames is None:
+        base = imagenet_pool_source()
+        if template is not None:
+            base = pool_source(base.name, base.classnames, template)
+    else:
+        base = pool_source("base", base_classnames, template or IMAGENET_SYNTHETIC_TEMPLATE)
+    sources = [pool_source(name, names, template or own) for name, names, own in tasks]
+    return base, sources
+
+
 def synthesize_sequence(generator, tasks: Sequence[Tuple[str, Sequence[str]]], out_root, *, images_per_task: int,
                         seed: int, base_classnames: Optional[Sequence[str]] = None,
-                        template: str = DEFAULT_TEMPLATE, only: Optional[Iterable[str]] = None,
+                        template: Optional[str] = None, only: Optional[Iterable[str]] = None,
                         batch_size: int = 16, rank: int = 0, world_size: int = 1, progress: bool = True,
                         image_format: str = "jpeg", jpeg_quality: int = 75, max_retries: int = 10,
-                        overwrite: bool = False, run_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                        overwrite: bool = False, run_info: Optional[Dict[str, Any]] = None,
+                        seed_scheme: str = "hash", pool_exclude: Iterable[str] = (),
+                        prompts_from=None, prompts_only: bool = False) -> Dict[str, Any]:
     """Synthesize every task of a sequence (or those named in ``only``) and write ``<out_root>/manifest.json``.
 
-    Task t (0-based) draws its prompts from ``base_classnames`` (the 1,000 ImageNet names
-    by default) plus the class names of tasks 0..t-1, whether or not those are
-    synthesized in this run. Returns the run manifest (complete on rank 0).
+    Task t (0-based) draws its prompts from the base (the 1,000 ImageNet names by default) plus
+    the class names of tasks 0..t-1 (whether or not those are synthesized in this run), each
+    entry templated with its own data set's template (``sequence_sources``), leaving out the
+    data sets named in ``pool_exclude``; ``gift_fast.synth.prompts.sequence_prompts`` draws them
+    under ``seed_scheme``. ``prompts_from``: a folder of ``<Task>_Syn/image_text.csv`` files whose
+    prompts are used instead (e.g. the authors' released ones; ``images_per_task`` then takes
+    the first rows, None: all). ``prompts_only``: write each task's ``image_text.csv`` and
+    manifests without images (``generator`` may be None). Returns the run manifest (complete on rank 0).
     """
     t_start = time.perf_counter()
-    tasks = _check_tasks(tasks)
-    names = [t[0] for t in tasks]
+    base, sources = sequence_sources(tasks, base_classnames=base_classnames, template=template)
+    names = [src.name for src in sources]
     selected = list(names)
     if only is not None:
         only = [o for o in only]
@@ -503,29 +550,64 @@ def synthesize_sequence(generator, tasks: Sequence[Tuple[str, Sequence[str]]], o
         if unknown:
             raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; this sequence has: {', '.join(names)}")
         selected = [n for n in names if n in set(only)]
-    if isinstance(images_per_task, bool) or not isinstance(images_per_task, int) or images_per_task < 1:
-        raise ValueError(f"images_per_task must be a positive int, got {images_per_task!r}")
-    if base_classnames is None:
-        from .prompts import imagenet_classnames
-        base_classnames = imagenet_classnames()
-        base_desc = "imagenet-1k (open_clip zero_shot_metadata)"
-    else:
-        base_classnames = list(base_classnames)
-        base_desc = f"custom ({len(base_classnames)} names)"
+    if prompts_from is None or images_per_task is not None:
+        if isinstance(images_per_task, bool) or not isinstance(images_per_task, int) or images_per_task < 1:
+            raise ValueError(f"images_per_task must be a positive int, got {images_per_task!r}")
+    if seed_scheme not in SEED_SCHEMES:
+        raise ValueError(f"unknown seed scheme {seed_scheme!r}; use one of {', '.join(SEED_SCHEMES)}")
+    pool_exclude = list(dict.fromkeys(pool_exclude))
+    if generator is None and not prompts_only:
+        raise ValueError("a generator is needed to make images (or pass prompts_only=True)")
     out_root = check_writable(Path(out_root))
 
+    pools = task_pools(base, sources, pool_exclude)   # checks pool_exclude; pool sizes for the manifests
+    if prompts_from is not None:
+        src_root = Path(prompts_from)
+        if src_root.resolve() == out_root.resolve():
+            raise SynthError(f"--prompts-from {src_root} is the output folder: the engine rewrites image_text.csv "
+                             f"there, which would lose the prompts if interrupted. Give another --out")
+        all_prompts = {n: read_prompt_csv(src_root / f"{n}_Syn" / CSV_NAME, images_per_task)
+                       for n in selected}
+        for t, n in enumerate(names):   # prompts of another order or pool would be mislabelled by the manifests
+            if n in all_prompts:
+                allowed = set(pools[t])
+                foreign = [p for p in all_prompts[n] if p not in allowed]
+                if foreign:
+                    raise SynthError(
+                        f"{src_root / f'{n}_Syn' / CSV_NAME}: {len(foreign)} of its {len(all_prompts[n])} prompts "
+                        f"are not in this sequence's pool for {n} (the classes of "
+                        f"{[base.name] + pool_task_names(sources, t, pool_exclude)}), "
+                        f"e.g. {foreign[0]!r}. Were they made for another order (--order 1 / 2), another "
+                        f"--pool-exclude or --template?")
+        prompt_source = f"prompts from {src_root}"
+    else:
+        drawn = sequence_prompts(base, sources, images_per_task, seed=seed, scheme=seed_scheme,
+                                 exclude=pool_exclude)
+        all_prompts = {n: drawn[t] for t, n in enumerate(names)}
+        prompt_source = f"drawn ({seed_scheme} scheme)"
+    pool_info = {"base": base.name, "base_template": base.template, "pool_exclude": pool_exclude,
+                 "templates": {src.name: src.template for src in sources}}
+
     task_entries = {}
-    for t, (name, classnames) in enumerate(tasks):
+    for t, src in enumerate(sources):
+        name = src.name
         if name not in selected:
             continue
-        pool = build_class_pool(base_classnames, [c for _, c in tasks[:t]])
-        prompts = sample_prompts(pool, images_per_task, seed=seed, task_index=t, template=template)
-        folder = synthesize_task(generator, name, prompts, out_root, seed=seed, task_index=t, batch_size=batch_size,
-                                 rank=rank, world_size=world_size, progress=progress, image_format=image_format,
-                                 jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite,
-                                 extra_manifest={"pool_size": len(pool), "template": template})
+        prompts = all_prompts[name]
+        extra = {"pool_size": len(pools[t]), "pool_base": base.name,
+                 "pool_tasks": pool_task_names(sources, t, pool_exclude), "pool_exclude": pool_exclude,
+                 "template": src.template, "prompt_source": prompt_source, "sequence": names}
+        if prompts_only:
+            folder = write_prompts_only(name, prompts, out_root, seed=seed, task_index=t, seed_scheme=seed_scheme,
+                                        extra_manifest=extra, rank=rank)
+        else:
+            folder = synthesize_task(generator, name, prompts, out_root, seed=seed, task_index=t,
+                                     batch_size=batch_size, rank=rank, world_size=world_size, progress=progress,
+                                     image_format=image_format, jpeg_quality=jpeg_quality, max_retries=max_retries,
+                                     overwrite=overwrite, extra_manifest=extra, seed_scheme=seed_scheme)
         tm = read_json(folder / MANIFEST_NAME) or {}
-        task_entries[name] = {"task_index": t, "folder": folder.name, "pool_size": len(pool),
+        task_entries[name] = {"task_index": t, "folder": folder.name, "pool_size": len(pools[t]),
+                              "pool_tasks": extra["pool_tasks"], "images": len(prompts),
                               "complete": bool(tm.get("complete")), "counts": tm.get("counts"),
                               "last_run": tm.get("last_run")}
 
@@ -535,11 +617,15 @@ def synthesize_sequence(generator, tasks: Sequence[Tuple[str, Sequence[str]]], o
     manifest = read_json(manifest_path) or {}
     manifest.update({
         "version": MANIFEST_VERSION,
-        "generator": getattr(generator, "name", type(generator).__name__),
+        "generator": getattr(generator, "name", type(generator).__name__) if generator is not None else None,
         "model": config.get("model"), "scheduler": config.get("scheduler"), "steps": config.get("steps"),
         "guidance": config.get("guidance"), "height": config.get("height"), "width": config.get("width"),
-        "runtime": desc.get("runtime"), "seed": seed, "images_per_task": images_per_task, "template": template,
-        "base_classnames": base_desc, "order": names, "image_format": image_format, "jpeg_quality": jpeg_quality,
+        "runtime": desc.get("runtime"), "seed": seed, "images_per_task": images_per_task,
+        "template": template if template is not None else "per data set (see pool.templates)",
+        "base_classnames": ("imagenet-1k (open_clip zero_shot_metadata)" if base_classnames is None
+                            else f"custom ({len(base.classnames)} names)"),
+        "order": names, "seed_scheme": seed_scheme, "prompt_source": prompt_source, "pool": pool_info,
+        "prompts_only": bool(prompts_only), "image_format": image_format, "jpeg_quality": jpeg_quality,
         "world_size": world_size, "versions": _versions(),
     })
     if run_info:
@@ -560,20 +646,97 @@ def synthesize_sequence(generator, tasks: Sequence[Tuple[str, Sequence[str]]], o
     return manifest
 
 
-def _check_tasks(tasks) -> List[Tuple[str, List[str]]]:
+def write_prompts_only(task_name: str, prompts: Sequence[str], out_root, *, seed: int, task_index: int,
+                       seed_scheme: str = "hash", extra_manifest: Optional[Dict[str, Any]] = None,
+                       rank: int = 0) -> Path:
+    """``<out_root>/<task_name>_Syn/image_text.csv`` (``<i>.jpeg,<prompt>`` rows) and a manifest that says
+    the folder holds prompts only; no model is loaded. A later ``gift-fast synth`` into the same folder
+    (same options) or ``--prompts-from`` it generates the images."""
+    folder = check_writable(Path(out_root) / f"{task_name}_Syn")
+    if rank != 0:
+        return folder
+    old = read_json(folder / MANIFEST_NAME)
+    if old is not None and not old.get("prompts_only"):
+        raise SynthError(f"{folder} holds generated images (manifest.json): --prompts-only would replace their "
+                         f"prompt list. Use another --out")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "text"])
+    for i, p in enumerate(prompts):
+        w.writerow([f"{i}.jpeg", p])
+    _atomic_write_text(folder / CSV_NAME, buf.getvalue())
+    manifest = {"version": MANIFEST_VERSION, "complete": False, "prompts_only": True, "task": task_name,
+                "task_index": int(task_index), "seed": int(seed), "images": len(prompts),
+                "distinct_prompts": len(set(prompts)), "seed_scheme": seed_scheme,
+                "seed_rule": SEED_RULES[seed_scheme], "versions": _versions()}
+    if extra_manifest:
+        manifest.update(extra_manifest)
+    write_json(folder / MANIFEST_NAME, manifest)
+    return folder
+
+
+def csv_image_index(value: str) -> int:
+    """The image index of a CSV ``image`` cell, resolved by file name: ``12.jpeg``,
+    ``./data/synthetic/synthetic_data_a/Aircraft_Syn/12.jpeg`` (the authors' paths) -> 12."""
+    name = str(value).replace("\\", "/").rsplit("/", 1)[-1]
+    stem = name.rsplit(".", 1)[0]
+    if not stem.isdigit():
+        raise ValueError(f"image name {value!r} is not <index>.<ext>")
+    return int(stem)
+
+
+def read_prompt_csv(path, limit: Optional[int] = None) -> List[str]:
+    """The prompts of an ``image_text.csv`` (this project's or the authors'), image i's at position i.
+
+    Rows are matched to images by file name (``<i>.jpeg``), whatever folder the ``image`` column
+    names; the indices must be exactly ``0..n-1``. ``limit``: the first ``limit`` images."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --prompts-from needs <Task>_Syn/{CSV_NAME} for every task "
+                                f"to synthesize")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"image", "text"} <= set(reader.fieldnames):
+            raise ValueError(f"{path} must have the header 'image,text', got {reader.fieldnames}")
+        by_index: Dict[int, str] = {}
+        for r, row in enumerate(reader, start=2):
+            try:
+                i = csv_image_index(row["image"])
+            except ValueError as e:
+                raise ValueError(f"{path}, line {r}: {e}") from None
+            if i in by_index:
+                raise ValueError(f"{path}, line {r}: image {i} appears twice")
+            by_index[i] = row["text"]
+    n = len(by_index)
+    if n == 0 or sorted(by_index) != list(range(n)):
+        raise ValueError(f"{path}: the images must be numbered 0..n-1 (got {n} rows)")
+    if limit is not None:
+        if limit > n:
+            raise ValueError(f"{path} has {n} prompts; --images-per-task {limit} asks for more")
+        n = limit
+    return [by_index[i] for i in range(n)]
+
+
+def _check_tasks(tasks) -> List[Tuple[str, List[str], Optional[str]]]:
+    """``(name, classnames, template or None)`` triples from ``(name, classnames[, template])`` items."""
     if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
         raise TypeError("tasks must be a list of (name, classnames) pairs")
     out = []
     for k, item in enumerate(tasks):
+        if isinstance(item, PoolSource):
+            item = (item.name, list(item.classnames), item.template)
         try:
-            name, classnames = item
+            name, classnames, *rest = item
+            if len(rest) > 1:
+                raise ValueError
         except (TypeError, ValueError):
-            raise TypeError(f"tasks[{k}] must be a (name, classnames) pair, got {item!r}") from None
+            raise TypeError(f"tasks[{k}] must be a (name, classnames) pair or (name, classnames, template), "
+                            f"got {item!r}") from None
         if isinstance(classnames, str) or not classnames:
             raise ValueError(f"task {name!r} needs a non-empty list of class names")
-        out.append((str(name), [str(c) for c in classnames]))
+        out.append((str(name), [str(c) for c in classnames], rest[0] if rest else None))
     seen = set()
-    for name, _ in out:
+    for name, _, _ in out:
         if name in seen:
             raise ValueError(f"task {name!r} appears twice in the sequence")
         seen.add(name)
@@ -585,11 +748,12 @@ def _check_tasks(tasks) -> List[Tuple[str, List[str]]]:
 # ----------------------------------------------------------------------------------------------
 # task lists: the MTIL orders and custom files
 
-def load_task_file(path) -> Tuple[List[Tuple[str, List[str]]], Optional[List[str]]]:
-    """Tasks (and optional base class names) from a JSON or CSV file.
+def load_task_file(path) -> Tuple[List[Tuple[str, List[str], Optional[str]]], Optional[List[str]]]:
+    """Tasks ``(name, classnames, template or None)`` (and optional base class names) from a JSON or CSV file.
 
-    JSON: ``{"tasks": [{"name": "Birds", "classnames": ["robin", "wren"]}, ...],
-    "base_classnames": [...] (optional; default: the 1,000 ImageNet names)}``.
+    JSON: ``{"tasks": [{"name": "Birds", "classnames": ["robin", "wren"], "template": "a photo of a {}, a bird."
+    (optional; the task's entries in the prompt pool)}, ...], "base_classnames": [...] (optional; default:
+    the 1,000 ImageNet names)}``.
     CSV: header ``task,classname``; one row per class, tasks in order of first appearance.
     """
     path = Path(path)
@@ -607,7 +771,10 @@ def load_task_file(path) -> Tuple[List[Tuple[str, List[str]]], Optional[List[str
         for k, t in enumerate(obj["tasks"]):
             if not isinstance(t, dict) or "name" not in t or not isinstance(t.get("classnames"), list):
                 raise ValueError(f"task file {path}: tasks[{k}] needs \"name\" and a \"classnames\" list")
-            tasks.append((str(t["name"]), [str(c) for c in t["classnames"]]))
+            tmpl = t.get("template")
+            if tmpl is not None and (not isinstance(tmpl, str) or tmpl.count("{}") != 1):
+                raise ValueError(f"task file {path}: tasks[{k}].template must contain exactly one '{{}}', got {tmpl!r}")
+            tasks.append((str(t["name"]), [str(c) for c in t["classnames"]], tmpl))
         base = obj.get("base_classnames")
         if base is not None and (not isinstance(base, list) or not base):
             raise ValueError(f"task file {path}: base_classnames must be a non-empty list of names")
@@ -625,12 +792,12 @@ def load_task_file(path) -> Tuple[List[Tuple[str, List[str]]], Optional[List[str
     return _check_tasks(list(order.items())), None
 
 
-def mtil_tasks(order: int) -> List[Tuple[str, List[str]]]:
-    """The 11 MTIL tasks of order 1 or 2 with their class names (``gift_fast.data.mtil.classnames``)."""
+def mtil_tasks(order: int) -> List[Tuple[str, List[str], str]]:
+    """The 11 MTIL tasks of order 1 or 2: ``(name, class names, first template)`` (``gift_fast.data.mtil``)."""
     from ..config import task_order
     names = task_order(order)
     try:
-        from ..data.mtil import classnames
+        from ..data.mtil import classnames, templates
     except ImportError as e:
         raise SynthError(f"MTIL class names are unavailable ({e}); give a --task-file instead") from e
-    return [(n, list(classnames(n))) for n in names]
+    return [(n, list(classnames(n)), templates(n)[0]) for n in names]

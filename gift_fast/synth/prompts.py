@@ -1,10 +1,22 @@
-"""The class pool, the prompts sampled from it, and one seed per image.
+"""The prompt pool, the prompts sampled from it, and one seed per image.
 
-METHOD.md, "Synthetic data": the pool is the 1,000 ImageNet class names plus the
-class names of every task learned so far; for task t the prompts are drawn
-uniformly *with replacement* from the pool as it stands before task t and
-templated as ``"a photo of a {}."``; each image has its own seed derived from
-(run seed, task index, image index).
+As in the authors' ``txt2img.py`` (docs/PROTOCOL_PROMPTS.md): the pool of task t holds
+the 1,000 ImageNet class names and the class names of every task learned before t,
+each entry templated with *its own data set's* first template (ImageNet names with
+``"a photo of a {}."``, Aircraft names with ``"a photo of a {}, a type of aircraft."``,
+...); the prompts of task t are drawn uniformly *with replacement* from that pool.
+``sequence_prompts`` is the one function that makes the prompts of a sequence; the
+``synth`` engine and training's on-the-fly synthesis both call it.
+
+Two seed schemes. ``"hash"`` (the default) is described below. ``"authors"``
+reproduces ``txt2img.py``: the draws come from Python's ``random.Random(seed)``, task
+after task (``random.choice`` over the pool, ``images_per_task`` draws each; this
+reproduces the authors' released CSVs row by row), and image j of task t (0-based)
+gets the seed ``j + 100000 * (t - 1) + 10**7 * seed`` (their ``j + 100000 *
+(k - 1) + 10**7 * seed`` with k the position of the data set before the task in
+``[ImageNet, task 1, ...]``, i.e. k = t).
+
+The ``"hash"`` scheme:
 
 Both the prompt draws and the seeds come from a counter-based generator
 (SplitMix64 of the tuple): draw ``i`` depends only on (seed, task_index, i), never
@@ -18,9 +30,18 @@ the paper is index 0).
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+import random
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+# How the authors template ImageNet names in the pool (their ``ImageNet.template``; not the
+# first of the 80 ImageNet evaluation templates).
+IMAGENET_SYNTHETIC_TEMPLATE = "a photo of a {}."
+SEED_SCHEMES = ("hash", "authors")
+# the authors' seed: j + AUTHORS_TASK_STRIDE * (t - 1) + AUTHORS_RUN_STRIDE * seed
+AUTHORS_TASK_STRIDE = 100_000
+AUTHORS_RUN_STRIDE = 10_000_000
 
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
@@ -73,15 +94,14 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
 
 
 def imagenet_classnames() -> List[str]:
-    """The 1,000 ImageNet class names as CLIP cleaned them (open_clip's zero-shot metadata)."""
-    try:
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-    except ImportError as e:  # pragma: no cover - open_clip is a dependency
-        raise ImportError("the ImageNet class names come from open_clip: pip install open_clip_torch") from e
-    names = list(IMAGENET_CLASSNAMES)
-    if len(names) != 1000:  # pragma: no cover - guards a changed upstream list
-        raise RuntimeError(f"open_clip's IMAGENET_CLASSNAMES has {len(names)} names, expected 1000")
-    return names
+    """The 1,000 ImageNet class names as CLIP cleaned them (open_clip's, identical to the authors')."""
+    from gift_fast.data import mtil_metadata   # a data module: no torch import
+    return list(mtil_metadata.IMAGENET_CLASSNAMES)
+
+
+def imagenet_pool_source() -> PoolSource:
+    """ImageNet's entry of the pool: its 1,000 names with the authors' ``"a photo of a {}."``."""
+    return PoolSource("ImageNet", tuple(imagenet_classnames()), IMAGENET_SYNTHETIC_TEMPLATE)
 
 
 def _check_names(where: str, names: Iterable[str]) -> List[str]:
@@ -130,10 +150,103 @@ def sample_prompts(pool: Sequence[str], n: int, *, seed: int, task_index: int,
     pool = _check_names("pool", pool)
     if not pool:
         raise ValueError("pool is empty: nothing to sample prompts from")
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ValueError(f"template must contain exactly one '{{}}' for the class name, got {template!r}")
+    _check_template(template)
     idx = prompt_indices(len(pool), n, seed=seed, task_index=task_index)
     return [template.format(pool[k]) for k in idx]
+
+
+def _check_template(template: str, where: str = "template") -> str:
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"{where} must contain exactly one '{{}}' for the class name, got {template!r}")
+    return template
+
+
+@dataclass(frozen=True)
+class PoolSource:
+    """One data set's contribution to the prompt pool: its class names and its first template."""
+    name: str
+    classnames: Tuple[str, ...]
+    template: str = DEFAULT_TEMPLATE
+
+    def prompts(self) -> List[str]:
+        return [self.template.format(c) for c in self.classnames]
+
+
+def pool_source(name: str, classnames: Sequence[str], template: Optional[str] = None) -> PoolSource:
+    """A checked ``PoolSource`` (``template`` None: ``DEFAULT_TEMPLATE``)."""
+    names = _check_names(f"classnames of {name!r}", classnames)
+    return PoolSource(str(name), tuple(names), _check_template(template or DEFAULT_TEMPLATE, f"template of {name!r}"))
+
+
+def task_pools(base: PoolSource, tasks: Sequence[PoolSource], exclude: Iterable[str] = ()) -> List[List[str]]:
+    """The prompt pool of every task: task t's is ``base`` then ``tasks[:t]``, each entry templated with its
+    source's template, leaving out the sources named in ``exclude`` (the paper's Fig. 9 ablation).
+
+    A multiset, as the authors' list: a prompt that two sources produce is listed (and drawn) twice.
+    """
+    exclude = set(exclude)
+    known = {base.name} | {s.name for s in tasks}
+    unknown = sorted(exclude - known)
+    if unknown:
+        raise ValueError(f"pool exclude names unknown data set(s) {', '.join(unknown)}; the pool's sources are: "
+                         f"{', '.join([base.name] + [s.name for s in tasks])}")
+    pools, pool = [], ([] if base.name in exclude else base.prompts())
+    for t, src in enumerate(tasks):
+        if not pool:
+            raise ValueError(f"the prompt pool of task {t} ({src.name}) is empty: its sources "
+                             f"{', '.join([base.name] + [s.name for s in tasks[:t]])} are all excluded")
+        pools.append(list(pool))
+        if src.name not in exclude:
+            pool.extend(src.prompts())
+    return pools
+
+
+def pool_task_names(tasks: Sequence[PoolSource], t: int, exclude: Iterable[str] = ()) -> List[str]:
+    """The names of the learned tasks whose classes are in task ``t``'s pool (what manifests record)."""
+    exclude = set(exclude)
+    return [s.name for s in tasks[:t] if s.name not in exclude]
+
+
+def sequence_prompts(base: PoolSource, tasks: Sequence[PoolSource], images_per_task: int, *, seed: int,
+                     scheme: str = "hash", exclude: Iterable[str] = ()) -> List[List[str]]:
+    """The prompts of every task of a sequence (one list per task): THE rule of this project.
+
+    ``scheme="hash"``: prompt i of task t is ``pool_t[counter_hash(seed, t, i) % len(pool_t)]``
+    (``prompt_indices``): independent of ``images_per_task``, so smaller sets are subsets of larger.
+    ``scheme="authors"``: ``random.Random(seed)``, then for each task in order ``images_per_task``
+    draws of ``rng.choice(pool_t)``, as ``txt2img.py`` (its released CSVs are reproduced exactly).
+    """
+    images_per_task = _check_int("images_per_task", images_per_task, 0)
+    seed = _check_int("seed", seed, 0)
+    if scheme not in SEED_SCHEMES:
+        raise ValueError(f"unknown seed scheme {scheme!r}; use one of {', '.join(SEED_SCHEMES)}")
+    pools = task_pools(base, tasks, exclude)
+    if scheme == "authors":
+        rng = random.Random(seed)
+        return [[rng.choice(pool) for _ in range(images_per_task)] for pool in pools]
+    return [[pool[k] for k in prompt_indices(len(pool), images_per_task, seed=seed, task_index=t)]
+            for t, pool in enumerate(pools)]
+
+
+def authors_image_seed(seed: int, task_index: int, index: int, attempt: int = 0) -> int:
+    """The authors' seed of image ``index`` of task ``task_index`` (0-based): ``index + 100000 *
+    (task_index - 1) + 10**7 * seed``; retry k adds ``k * RETRY_SEED_STRIDE`` (the authors do not
+    regenerate black images: use ``max_retries=0`` to match them). May be negative (seed 0, task 0),
+    which ``torch.Generator.manual_seed`` accepts."""
+    seed = _check_int("seed", seed, 0)
+    task_index = _check_int("task_index", task_index, 0)
+    index = _check_int("index", index, 0)
+    attempt = _check_int("attempt", attempt, 0)
+    return index + AUTHORS_TASK_STRIDE * (task_index - 1) + AUTHORS_RUN_STRIDE * seed + attempt * RETRY_SEED_STRIDE
+
+
+def seed_for(scheme: str, seed: int, task_index: int, index: int, attempt: int = 0) -> int:
+    """The seed of an image under ``scheme`` (``"hash"``: ``image_seed``; ``"authors"``: ``authors_image_seed``)."""
+    if scheme == "authors":
+        return authors_image_seed(seed, task_index, index, attempt)
+    if scheme != "hash":
+        raise ValueError(f"unknown seed scheme {scheme!r}; use one of {', '.join(SEED_SCHEMES)}")
+    return image_seed(seed, task_index, index, attempt)
 
 
 def image_seed(seed: int, task_index: int, index: int, attempt: int = 0) -> int:
