@@ -108,11 +108,24 @@ def _seeds(value):
 # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
 @click.option("--benchmark", type=click.Choice(["mtil", "cifar100-cil", "tinyimagenet-cil"]), default=None,
               help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --steps N.")
-@click.option("--class-order", default=None, help="Class-incremental class order: seed:N (default seed:1993), "
-              "icarl (CIFAR100's fixed iCaRL order) or natural.")
+@click.option("--class-order", default=None, help="Class-incremental class order: zscl (default: ZSCL's orders, "
+              "CIFAR100's = iCaRL's), seed:N, icarl, natural, or a YAML / JSON FILE with class_order: [...] (ZSCL's "
+              "format). --resume keeps a run's recorded order.")
 @click.option("--iterations", type=int, default=None, help="Class-incremental: iterations per step (default: one "
               "epoch of the step's training images).")
 # --- end class-incremental ---
+# --- research tooling (gift_fast.run_config, gift_fast.tracking, issue 16) ---
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="Rerun from a run's config.json (or a JSON of options, or the authors' configs/mtil_order_*.json); "
+              "options given here override the file.")
+@click.option("--report-to", default=None, help="none (default) | tensorboard | wandb | all: also log every log.jsonl "
+              "record, evaluation row and the accuracy-matrix figure there (W&B: pip install 'gift-fast[wandb]').")
+@click.option("--name", default=None, help="The run's name in TensorBoard / W&B (default: the run folder's name).")
+@click.option("--track", default=None, help="Tasks (comma-separated) whose test loss and accuracy are logged during "
+              "training, with the train loss and the teacher-student cross entropy (the paper's Fig. 4 and 5): "
+              "curves.jsonl, drawn by `gift-fast report --curves`.")
+@click.option("--track-every", type=int, default=None, help="Steps between curve points (default: --log-every).")
+# --- end research tooling ---
 def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, benchmark, class_order, iterations,
           **opts):
     """Continual training of CLIP on a task sequence with GIFT (or a baseline), evaluation after every task.
@@ -129,6 +142,33 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     opts["compile"] = compile_
+    # --- research tooling (issue 16): --config FILE under the command line's options ---
+    config_file = opts.pop("config_file", None)
+    if opts.get("track") is not None:
+        opts["track"] = _csv(opts["track"])
+    if opts.get("report_to") is not None:     # a bad value or a missing package: say so before any work
+        from gift_fast.tracking import check_backends
+
+        try:
+            check_backends(opts["report_to"])
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    if config_file is not None:
+        if benchmark not in (None, "mtil"):
+            raise click.UsageError("--config reruns MTIL and toy runs; a class-incremental --benchmark takes its "
+                                   "options on the command line")
+        if preset:
+            raise click.UsageError("--config FILE holds every setting of the run: drop --preset")
+        from gift_fast.run_config import load_config_file
+
+        try:
+            file_opts, file_method, file_seed = load_config_file(config_file)
+        except (ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+        method = method or file_method
+        seeds = seeds or (None if file_seed is None else str(file_seed))
+        opts["_config_file_opts"] = file_opts
+    # --- end research tooling ---
     # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
     if benchmark not in (None, "mtil"):
         if world > 1:
@@ -186,6 +226,7 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
     from gift_fast.report import report
     from gift_fast.train import PRESET_RUNS, TrainConfig, plan_runs, preset_config, run_many
 
+    file_opts = opts.pop("_config_file_opts", None)      # --config FILE: its values, None included
     none_pretrained = (opts.get("pretrained") or "").lower() == "none"
     none_cache = (opts.get("data_cache") or "").lower() == "none"
     opts = {k: v for k, v in opts.items() if v is not None}
@@ -197,6 +238,8 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
         opts["data_cache"] = None
     methods = _csv(method)
     seed_list = _seeds(seeds)
+    if file_opts:
+        opts = {**file_opts, **opts}
     try:
         if preset:
             runs = PRESET_RUNS[preset]

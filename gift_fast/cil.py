@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -52,7 +53,7 @@ class CILConfig:
     """What a class-incremental run adds to a ``TrainConfig`` (written to ``<out>/cil.json``)."""
     benchmark: str                        # cifar100-cil | tinyimagenet-cil
     steps: int                            # incremental steps: 10/20/50 (CIFAR100), 5/10/20 (TinyImageNet)
-    class_order: str = f"seed:{DEFAULT_CLASS_ORDER_SEED}"   # seed:N | icarl (CIFAR100) | natural
+    class_order: str = "zscl"             # zscl (ZSCL's orders) | seed:N | icarl (CIFAR100) | natural | FILE
     iterations: Optional[int] = None      # per step; None: epochs_per_step epochs of the step's images
     epochs_per_step: float = 1.0
     label_smoothing: Optional[float] = None   # None: the benchmark's (0.2 CIFAR100, 0 TinyImageNet)
@@ -85,17 +86,21 @@ class CILConfig:
 
 
 def parse_class_order(spec: str):
-    """``"seed:N"`` -> ("seeded", N); ``"icarl"`` / ``"natural"`` -> (name, None)."""
+    """``"seed:N"`` -> ("seeded", N); ``"zscl"`` / ``"icarl"`` / ``"natural"`` -> (name, None); a file
+    (ZSCL's YAML format ``class_order: [...]``, or JSON) -> ("file", path)."""
     s = str(spec).strip().lower()
     if s.startswith("seed:"):
         try:
             return "seeded", int(s.split(":", 1)[1])
         except ValueError:
             pass
-    elif s in ("icarl", "natural"):
+    elif s in ("zscl", "icarl", "natural"):
         return s, None
-    raise ValueError(f"--class-order {spec!r}: use seed:N (a seeded permutation), icarl (CIFAR100's fixed iCaRL "
-                     f"order) or natural (the data set's label order)")
+    elif str(spec).strip().endswith((".yaml", ".yml", ".json")) or os.path.isfile(str(spec)):
+        return "file", str(spec).strip()
+    raise ValueError(f"--class-order {spec!r}: use zscl (ZSCL's orders, the default), seed:N (a seeded permutation), "
+                     f"icarl (CIFAR100's fixed iCaRL order), natural (the data set's label order) or a YAML / JSON "
+                     f"file with class_order: [...]")
 
 
 # =============================================================================== evaluation
@@ -154,7 +159,12 @@ class CILTrainer(ContinualTrainer):
                 raise ValueError(f"{cil.benchmark} needs --data-root DIR (see the README section on class-incremental "
                                  f"benchmarks for the folder layout)")
             rule, seed = parse_class_order(cil.class_order)
-            benchmark = build_cil(cil.benchmark, cil.steps, cfg.data_root, order=rule,
+            source = None
+            if rule == "file":               # seed holds the path: the order is the file's list
+                from gift_fast.data.cil import read_class_order_file
+
+                rule, source, seed = read_class_order_file(seed), f"file {seed}", None
+            benchmark = build_cil(cil.benchmark, cil.steps, cfg.data_root, order=rule, order_source=source,
                                   seed=seed if seed is not None else DEFAULT_CLASS_ORDER_SEED,
                                   base_seed=cil.base_seed, image_size=bundle.image_size, mean=bundle.mean,
                                   std=bundle.std, cache_dir=cfg.data_cache, record_dir=str(out),
@@ -346,6 +356,22 @@ def run_many_cil(cfgs: Sequence[TrainConfig], cil: CILConfig, progress: bool = T
     return out
 
 
+def recorded_class_order(out: str) -> Optional[str]:
+    """The ``--class-order`` a run folder (or the run folders inside it) was started with (its cil.json),
+    so that ``--resume`` without ``--class-order`` continues an old run on its own order (runs started
+    before ZSCL's orders became the default used seed:1993). None when there is no record."""
+    found = []
+    for p in [Path(out) / "cil.json"] + sorted(Path(out).glob("*/cil.json")):
+        if p.is_file():
+            with open(p) as fh:
+                found.append(json.load(fh).get("cil", {}).get("class_order"))
+    found = [f for f in found if f]
+    if len(set(found)) > 1:
+        raise ValueError(f"the runs in {out} were started with different class orders ({sorted(set(found))}): "
+                         f"resume them one at a time with --class-order")
+    return found[0] if found else None
+
+
 def run_cil_command(benchmark: str, opts: Dict[str, Any], *, out: Optional[str], resume: bool,
                     methods: Optional[Sequence[str]], seeds: Optional[Sequence[int]], plots: bool, progress: bool,
                     class_order: Optional[str] = None, iterations: Optional[int] = None) -> str:
@@ -365,6 +391,8 @@ def run_cil_command(benchmark: str, opts: Dict[str, Any], *, out: Optional[str],
     for mtil_only in ("order", "tasks", "toy"):
         if opts.pop(mtil_only, None) is not None:
             raise ValueError(f"--{mtil_only} is an MTIL option; --benchmark {benchmark} defines its own tasks")
+    if class_order is None and resume:
+        class_order = recorded_class_order(out or f"runs/{benchmark}-{steps}-{'-'.join(methods or ['gift'])}")
     cil = CILConfig(benchmark, int(steps), class_order=class_order or CILConfig.class_order, iterations=iterations,
                     label_smoothing=opts.pop("label_smoothing", None))
     for k, v in CLI_DEFAULTS[benchmark].items():
@@ -381,4 +409,4 @@ def run_cil_command(benchmark: str, opts: Dict[str, Any], *, out: Optional[str],
 
 
 __all__ = ["CILConfig", "CILTrainer", "cil_step_accuracies", "cil_report_table", "cil_report", "train_cil",
-           "run_many_cil", "run_cil_command", "parse_class_order", "CIL_BENCHMARKS"]
+           "run_many_cil", "run_cil_command", "parse_class_order", "recorded_class_order", "CIL_BENCHMARKS"]

@@ -158,8 +158,9 @@ def per_task_table(groups: Sequence[Group], metric: str) -> str:
     return "\n".join(lines)
 
 
-def report_tables(runs: Sequence[RunResult], by_seed: bool = True) -> str:
-    """The Markdown report: the summary and the per-data-set Transfer / Avg / Last tables."""
+def report_tables(runs: Sequence[RunResult], by_seed: bool = True, paper: bool = True) -> str:
+    """The Markdown report: the summary and the per-data-set Transfer / Avg / Last tables, then (``paper``)
+    the paper's published rows beside the runs (``paper_section``)."""
     if not runs:
         raise ValueError("no run to report")
     groups = group_runs(runs, by_seed)
@@ -169,7 +170,94 @@ def report_tables(runs: Sequence[RunResult], by_seed: bool = True) -> str:
     others = [g.label for g in groups if g.tasks != groups[0].tasks]
     if others:
         parts += ["", f"(per-data-set tables omit {others}: other task sequences)"]
+    if paper:
+        parts += ["", paper_section(groups)]
     return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- the paper beside the runs
+def _signed(d: Optional[float]) -> str:
+    return "-" if d is None or not np.isfinite(d) else f"{round(d, 1) + 0.0:+.1f}"     # + 0.0: no "-0.0"
+
+
+def _cell(v: Optional[float]) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.1f}"
+
+
+def group_match(g: Group):
+    """The paper's rows (gift_fast.paper.PaperMatch) for a group of runs, from its first run's config.json."""
+    from gift_fast.paper import PaperMatch, mtil_order_of, paper_rows
+
+    cfg = g.runs[0].config
+    if not cfg.get("config") or not cfg.get("method"):
+        return PaperMatch(mtil_order_of(g.tasks), ["no config.json (the run's settings are unknown)"])
+    return paper_rows(cfg["config"], cfg["method"], g.tasks)
+
+
+def paper_section(groups: Sequence[Group]) -> str:
+    """"## Beside the paper": per group, the published rows its protocol and configuration match
+    (gift_fast.paper), the run's numbers and the difference (run - paper); the per-data-set table of
+    Tab. 9 / Tab. 10 for a main-table row; or why there is none."""
+    from gift_fast.paper import MTIL_PER_TASK, PER_TASK_TABLE_OF_ORDER, PROTOCOL_TEXT, TABLE_OF_ORDER
+
+    parts = ["## Beside the paper", ""]
+    for g in groups:
+        m = group_match(g)
+        n = len(g.runs)
+        title = f"### {g.label}" + (f" (MTIL Order {'I' * m.order})" if m.order else "")
+        parts += [title, ""]
+        if not m.on_protocol:
+            parts += [f"No published row: the paper's protocol is {PROTOCOL_TEXT}; this run differs in "
+                      f"{'; '.join(m.differences)}.", ""]
+            continue
+        run_vals = [g.stat(lambda r, k=k: r.metrics()[k])[0] for k in ("transfer", "avg", "last")]
+        zs_vals = [float(np.mean([r.zero_shot_metrics()[k] for r in g.runs])) for k in ("transfer", "avg", "last")]
+        lines = ["| | Transfer | Avg | Last |", "| --- | --- | --- | --- |"]
+
+        def add(label, paper_vals, mine):
+            lines.append(f"| {label} | " + " | ".join(_cell(v) for v in paper_vals) + " |")
+            lines.append(f"| {'this run' if n == 1 else f'these runs ({n} seeds, mean)'} | " +
+                         " | ".join(_cell(v) for v in mine) + " |")
+            lines.append("| difference (run - paper) | " + " | ".join(
+                _signed(None if p is None else b - p) for p, b in zip(paper_vals, mine)) + " |")
+
+        add(f"paper, {TABLE_OF_ORDER[m.order]}: Zero-shot", m.zero_shot(), zs_vals)
+        same: Dict[tuple, List[str]] = {}          # one published run often fills rows of several tables
+        for row in m.rows:
+            same.setdefault(tuple(row.values), []).append(f"{row.table}: {row.row}" +
+                                                          (f" ({row.note})" if row.note else ""))
+        for vals, names in same.items():
+            add("paper, " + " = ".join(names), vals, run_vals)
+        parts += ["\n".join(lines), ""]
+        if not m.rows:
+            parts += ["No published row has this method configuration (the zero-shot row above is the protocol's).",
+                      ""]
+        main = next((r for r in m.rows if r.per_task_row), None)
+        if main is not None:
+            tab = PER_TASK_TABLE_OF_ORDER[m.order]
+            per = MTIL_PER_TASK[m.order]
+            T = len(g.tasks)
+            head = "| " + tab + ": " + main.row + " | " + " | ".join(g.tasks) + " | Average |"
+            rows = [head, "|" + " --- |" * (T + 2)]
+            zs_run = [float(np.mean([r.zero_shot[j] for r in g.runs])) for j in range(T)]
+            zs_run.append(float(np.mean(zs_run)))
+            for label, vals in (("Zero-shot accuracy, paper", per["zero_shot"]), ("Zero-shot accuracy, run", zs_run),
+                                ("Zero-shot accuracy, difference", [b - a for a, b in zip(per["zero_shot"], zs_run)])):
+                fmt = _signed if label.endswith("difference") else _cell
+                rows.append(f"| {label} | " + " | ".join(fmt(v) for v in vals) + " |")
+            for metric, name in (("transfer", "Transfer"), ("avg", "Avg"), ("last", "Last")):
+                paper_vals = list(per[metric][main.per_task_row])
+                mine = [g.stat(lambda r, j=j: r.metrics()["per_task"][j][metric])[0] for j in range(T)]
+                mine.append(g.stat(lambda r: r.metrics()[metric])[0])
+                if metric == "transfer":          # the first task has no Transfer: the paper's row skips it
+                    paper_vals = [None] + paper_vals
+                    mine[0] = None
+                diffs = [None if (a is None or b is None) else b - a for a, b in zip(paper_vals, mine)]
+                rows.append(f"| {name}, paper | " + " | ".join(_cell(v) for v in paper_vals) + " |")
+                rows.append(f"| {name}, run | " + " | ".join(_cell(v) for v in mine) + " |")
+                rows.append(f"| {name}, difference | " + " | ".join(_signed(v) for v in diffs) + " |")
+            parts += ["\n".join(rows), ""]
+    return "\n".join(parts).rstrip() + "\n"
 
 
 def expand_run_paths(paths: Sequence[str]) -> List[Path]:
@@ -188,10 +276,10 @@ def expand_run_paths(paths: Sequence[str]) -> List[Path]:
     return out
 
 
-def report(paths: Sequence[str], *, markdown: Optional[str] = None, by_seed: bool = True) -> str:
+def report(paths: Sequence[str], *, markdown: Optional[str] = None, by_seed: bool = True, paper: bool = True) -> str:
     """Load runs, build the tables, write them as Markdown (``markdown`` path), return the text."""
     runs = [load_run(p) for p in expand_run_paths(paths)]
-    text = report_tables(runs, by_seed=by_seed)
+    text = report_tables(runs, by_seed=by_seed, paper=paper)
     if markdown:
         from gift_fast.models import atomic_write_text
 
@@ -246,4 +334,4 @@ def plot_run(path) -> List[Path]:
 
 
 __all__ = ["RunResult", "load_run", "report", "report_tables", "summary_table", "per_task_table", "plot_run",
-           "group_runs", "expand_run_paths"]
+           "group_runs", "expand_run_paths", "paper_section"]

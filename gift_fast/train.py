@@ -220,6 +220,11 @@ class TrainConfig:
     checkpoint_every: int = 0          # in-task checkpoint every K steps (0: only at the end of each task)
     plots: bool = True
     label: Optional[str] = None        # name of the run in reports (default: the method's label)
+    # experiment tracking and the paper's curves (gift_fast.tracking); they do not change the numbers
+    report_to: str = "none"            # none | tensorboard | wandb | all (open_clip's --report-to)
+    name: Optional[str] = None         # the run's name in TensorBoard / W&B (default: the run folder's name)
+    track: Optional[List[str]] = None  # tasks whose test loss / accuracy are logged during training (Fig. 5)
+    track_every: int = 0               # steps between curve points (0: no curves; with track: log_every)
 
     def method_spec(self) -> MethodSpec:
         return resolve_method(self.method, cd=self.cd, ita=self.ita, awc=self.awc, consolidation=self.consolidation,
@@ -229,7 +234,7 @@ class TrainConfig:
 # Fields that do not change a run's numbers (may differ between a run and its resume).
 _RESUME_FREE = {"out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers",
                 "eval_batch_size", "log_every", "keep_checkpoints", "plots", "label", "keep_synth",
-                "synth_batch_size", "data_cache", "checkpoint_every"}
+                "synth_batch_size", "data_cache", "checkpoint_every", "report_to", "name", "track", "track_every"}
 
 
 def identity_of(cfg: TrainConfig) -> Dict[str, Any]:
@@ -501,6 +506,9 @@ class ContinualTrainer:
 
             compile_blocks(self.model, dynamic=None)
         self.log_path = self.out / "log.jsonl"
+        from gift_fast.tracking import RunHooks
+
+        self.hooks = RunHooks(self)      # TensorBoard / W&B and the --track curves (rank 0 writes)
 
     # ------------------------------------------------------------------ setup helpers
     def _check_synthetic_source(self) -> None:
@@ -679,6 +687,7 @@ class ContinualTrainer:
         bar = tqdm(range(k0, cfg.steps), desc=f"task {t + 1}/{len(self.tasks)} {task.name}",
                    disable=not self._progress, leave=False, initial=k0, total=cfg.steps)
         n_acc, k_last = 0, k0
+        self.hooks.on_task_start(t, k0, syn)
         try:
             for k in bar:
                 images, labels = next(batches)
@@ -695,6 +704,8 @@ class ContinualTrainer:
                     v = v.detach().float()
                     sums[name] = sums[name] + v if name in sums else v
                 n_acc += 1
+                if self.hooks.tracks(k):          # --track-every K: the curve points (off: no host sync here)
+                    self.hooks.on_track(t, k, out, syn)
                 if (k + 1) % cfg.log_every == 0 or k + 1 == cfg.steps:
                     now = time.perf_counter()
                     rec = self._log_record(t, k, sums, n_acc, optimizer, now - t_last, k + 1 - k_last)
@@ -759,6 +770,7 @@ class ContinualTrainer:
         if self.dist.is_main:
             with open(self.log_path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+        self.hooks.on_log(rec)
         return rec
 
     # ------------------------------------------------------------------ evaluation and state
@@ -949,6 +961,7 @@ class ContinualTrainer:
             self._note(f"model {self.bundle.model_name} ({self.bundle.pretrained}), activation "
                        f"{self.bundle.info.get('activation')}, {len(self.tasks)} tasks, method {config['label']}")
             zero_shot = self.evaluate_all()
+            self.hooks.on_eval(-1, zero_shot)
             state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
                      "finished": 0, "checkpoints": [], "tasks_info": []}
             if main:
@@ -957,6 +970,7 @@ class ContinualTrainer:
         for t in range(state["finished"], len(self.tasks)):
             info = self.train_task(t)
             row = self.evaluate_all()
+            self.hooks.on_eval(t, row)
             state["acc"].append(row)
             info["acc"] = row
             self._save_task(t, state, info)
@@ -972,6 +986,7 @@ class ContinualTrainer:
                 plot_run(self.out)
             except Exception as e:   # a plotting problem must not cost a finished run
                 self._note(f"plots skipped: {type(e).__name__}: {e}")
+        self.hooks.on_end(metrics)
         return metrics
 
     def _write_results(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -1077,7 +1092,7 @@ PRESET_RUNS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def preset_config(name: str, **overrides) -> TrainConfig:
+def preset_config(name: str, /, **overrides) -> TrainConfig:
     """The TrainConfig of a preset with ``overrides`` applied (a None value sets None, e.g. pretrained=None)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

@@ -321,12 +321,3 @@ def test_imagenet_metadata():
     d = cil.imagenet_descriptions()
     assert len(d) == 1000 and "dinosaur" in d[[i for i, n in enumerate(
         __import__("gift_fast.data.mtil", fromlist=["x"]).imagenet_classnames()) if n == "triceratops"][0]]
-
-
-def test_metadata_snapshot_equals_timm_files():
-    timm = pytest.importorskip("timm")
-    info = os.path.join(os.path.dirname(timm.__file__), "data", "_info")
-    if not all(os.path.exists(os.path.join(info, f)) for f in cil.TIMM_INFO_FILES):
-        pytest.skip("this timm lacks the synset files")
-    with open(os.path.join(os.path.dirname(cil.__file__), "cil_metadata.py"), encoding="utf-8") as f:
-        assert f.read() == cil.generate_metadata(info)

@@ -16,10 +16,13 @@ for CLIP by ZSCL's ``cil/`` code, which GIFT's reference builds on):
   is also the mean per-class accuracy.
 * **Metrics** (``gift_fast.metrics.cil_metrics``): "Avg" = the mean of these accuracies over all
   steps (the base step included), "Last" = the accuracy after the last step.
-* **Class order:** ``"seeded"`` (default): a permutation of the data set's label order from
-  ``numpy.random.default_rng(seed)``; ``"icarl"`` (CIFAR100 only): the fixed order of iCaRL's
-  original implementation, reused by much of the CIL literature (e.g. PODNet); or an explicit
-  list. Whatever is used is written to the run folder (``cil-split.json``) and checked on resume.
+* **Class order:** ``"zscl"`` (the command line's default): ZSCL's orders (its
+  ``cil/class_orders/*.yaml``; CIFAR100's is iCaRL's); ``"seeded"``: a permutation of the data
+  set's label order from ``numpy.random.default_rng(seed)`` (the default before ZSCL's orders, seed
+  1993); ``"icarl"`` (CIFAR100 only): the fixed order of iCaRL's original implementation, reused by
+  much of the CIL literature (e.g. PODNet); or an explicit list (``--class-order FILE``, ZSCL's YAML
+  format, ``read_class_order_file``). Whatever is used is written to the run folder
+  (``cil-split.json``, with its source) and checked on resume.
 * **Prompts:** one template, ``"a bad photo of a {}."`` (ZSCL's / Continual-CLIP's CIL template,
   with which the seed's "CLIP Zero-shot" rows were measured), unless ``templates`` is given.
 * **Training loss per step:** the trainer's CE is over the current step's classes only (the
@@ -40,10 +43,11 @@ the folder itself)::
 
 Labels are the positions of the sorted wnids (ImageFolder's / continuum's convention). Class
 names: CLIP's cleaned ImageNet name of the wnid (all 200 TinyImageNet classes are ImageNet-1k
-classes; ``IMAGENET_WNIDS`` gives ImageNet's label order), else the first name in words.txt.
+classes; ``imagenet_wnids()``, from timm, gives ImageNet's label order), else the first name in words.txt.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -98,41 +102,51 @@ ICARL_CIFAR100_ORDER: tuple = (
     34, 55, 54, 26, 35, 39,
 )
 
-# The seed paper's results (ViT/ResNet rows as published; CLIP rows ViT-B/16), transcribed from
-# its supplementary Tab. 7 (CIFAR100) and Tab. 8 (TinyImageNet): {steps: {method: (Avg, Last)}};
-# None where the table has "-". tests/test_cil.py checks this against the tables' text
-# (tests/fixtures/seed_cil_tables.txt).
-SEED_RESULTS: Dict[str, Dict[int, Dict[str, tuple]]] = {
-    "cifar100-cil": {
-        10: {"UCIR": (58.66, 43.39), "BiC": (68.80, 53.54), "RPSNet": (68.60, 57.05), "PODNet": (58.03, 41.05),
-             "DER": (74.64, 64.35), "DyTox+": (74.10, 62.34), "CLIP Zero-shot": (74.47, 65.92),
-             "CLIP Fine-tune": (65.46, 53.23), "LwF": (65.86, 48.04), "iCaRL": (79.35, 70.97),
-             "LwF-VR": (78.81, 70.75), "ZSCL": (82.15, 73.65), "GIFT": (85.11, 77.70)},
-        20: {"UCIR": (58.17, 40.63), "BiC": (66.48, 47.02), "RPSNet": (None, None), "PODNet": (53.97, 35.02),
-             "DER": (73.98, 62.55), "DyTox+": (71.62, 57.43), "CLIP Zero-shot": (75.20, 65.74),
-             "CLIP Fine-tune": (59.69, 43.13), "LwF": (60.64, 40.56), "iCaRL": (73.32, 64.55),
-             "LwF-VR": (74.54, 63.54), "ZSCL": (80.39, 69.58), "GIFT": (82.11, 73.73)},
-        50: {"UCIR": (56.86, 37.09), "BiC": (62.09, 41.04), "RPSNet": (None, None), "PODNet": (51.19, 32.99),
-             "DER": (72.05, 59.76), "DyTox+": (68.90, 51.09), "CLIP Zero-shot": (75.67, 65.94),
-             "CLIP Fine-tune": (39.23, 18.89), "LwF": (47.69, 32.90), "iCaRL": (71.28, 59.07),
-             "LwF-VR": (71.02, 59.45), "ZSCL": (79.92, 67.36), "GIFT": (80.81, 71.29)},
-    },
-    "tinyimagenet-cil": {
-        5: {"EWC": (19.01, 6.00), "EEIL": (47.17, 35.12), "UCIR": (50.30, 39.42), "MUC": (32.23, 19.20),
-            "PASS": (49.54, 41.64), "DyTox": (55.58, 47.23), "CLIP Zero-shot": (69.62, 65.30),
-            "CLIP Fine-tune": (61.54, 46.66), "LwF": (60.97, 48.77), "iCaRL": (77.02, 70.39),
-            "LwF-VR": (77.56, 70.89), "ZSCL": (80.27, 73.57), "GIFT": (81.16, 77.04)},
-        10: {"EWC": (15.82, 3.79), "EEIL": (45.03, 34.64), "UCIR": (48.58, 37.29), "MUC": (26.67, 15.33),
-             "PASS": (47.19, 39.27), "DyTox": (52.26, 42.79), "CLIP Zero-shot": (69.55, 65.59),
-             "CLIP Fine-tune": (57.05, 41.54), "LwF": (57.60, 44.00), "iCaRL": (73.48, 65.97),
-             "LwF-VR": (74.12, 67.05), "ZSCL": (78.61, 71.62), "GIFT": (80.20, 75.51)},
-        20: {"EWC": (12.35, 4.73), "EEIL": (40.41, 29.72), "UCIR": (42.84, 30.85), "MUC": (21.89, 10.32),
-             "PASS": (42.01, 32.93), "DyTox": (46.18, 36.21), "CLIP Zero-shot": (69.49, 65.30),
-             "CLIP Fine-tune": (54.62, 44.55), "LwF": (54.79, 42.26), "iCaRL": (69.65, 64.68),
-             "LwF-VR": (69.94, 63.89), "ZSCL": (77.18, 68.30), "GIFT": (79.32, 74.87)},
-    },
-}
-SEED_TABLE_NAMES = {"cifar100-cil": "Tab. 7", "tinyimagenet-cil": "Tab. 8"}
+# ZSCL's class orders (Thunderbeee/ZSCL at b96e714, cil/class_orders/cifar100.yaml and tinyimagenet.yaml): the
+# defaults of the class-incremental benchmarks, as ZSCL's CIL code (which GIFT's builds on) runs them.
+# CIFAR100's is iCaRL's order above; TinyImageNet's labels are the positions of the sorted wnids, as here.
+ZSCL_TINYIMAGENET_ORDER: tuple = (
+    131, 181, 22, 172, 144, 92, 97, 187, 58, 93, 6, 70, 106, 68, 153, 168, 179, 199, 29, 46, 9, 142, 134,
+    88, 193, 110, 26, 32, 117, 112, 17, 39, 166, 13, 94, 138, 109, 147, 51, 101, 59, 188, 116, 5, 170, 99,
+    100, 167, 180, 146, 65, 1, 104, 43, 38, 184, 123, 171, 137, 162, 71, 44, 95, 174, 12, 7, 54, 152, 21,
+    47, 28, 176, 34, 2, 132, 118, 42, 189, 150, 14, 165, 41, 192, 45, 82, 128, 63, 57, 197, 160, 53, 75,
+    108, 135, 121, 159, 183, 67, 169, 50, 87, 69, 89, 196, 115, 19, 148, 96, 86, 11, 8, 60, 33, 173, 78, 4,
+    119, 105, 182, 127, 177, 30, 186, 40, 49, 178, 76, 157, 161, 73, 164, 151, 31, 74, 191, 27, 125, 198,
+    81, 20, 155, 114, 139, 36, 61, 56, 145, 48, 16, 83, 62, 85, 126, 0, 102, 23, 3, 140, 15, 195, 133, 113,
+    190, 141, 52, 163, 156, 80, 111, 90, 175, 143, 120, 84, 18, 25, 79, 37, 154, 136, 64, 158, 24, 185, 72,
+    35, 129, 55, 149, 91, 122, 77, 103, 124, 130, 66, 10, 107, 194, 98,
+)
+ZSCL_CLASS_ORDERS: Dict[str, tuple] = {"CIFAR100": ICARL_CIFAR100_ORDER, "TinyImageNet": ZSCL_TINYIMAGENET_ORDER}
+ZSCL_ORDER_FILES = {"CIFAR100": "cil/class_orders/cifar100.yaml", "TinyImageNet": "cil/class_orders/tinyimagenet.yaml"}
+
+
+def read_class_order_file(path: str) -> List[int]:
+    """A class order from a file: ZSCL's YAML (``class_order: [87, 0, 52, ...]``), or JSON (a list, or an
+    object with ``class_order``). Clear errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--class-order {path}: no such file (a YAML or JSON file with class_order: [...])")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:   # yaml.YAMLError / json.JSONDecodeError: say which file
+        raise ValueError(f"--class-order {path}: cannot parse it ({type(e).__name__}: {e})") from None
+    if isinstance(data, dict):
+        data = data.get("class_order")
+    if not isinstance(data, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in data):
+        raise ValueError(f"--class-order {path}: expected class_order: a list of integer labels (ZSCL's format)")
+    return [int(c) for c in data]
+
+
+# The seed paper's Tab. 7 (CIFAR100) and Tab. 8 (TinyImageNet): {steps: {method: (Avg, Last)}}. The paper's
+# numbers live in gift_fast.paper; these names are kept for the code that reads them here.
+from gift_fast.paper import CIL_RESULTS as SEED_RESULTS  # noqa: E402
+from gift_fast.paper import CIL_TABLE_NAMES as SEED_TABLE_NAMES  # noqa: E402,F401
 
 
 def protocol(benchmark: str) -> CILProtocol:
@@ -168,8 +182,15 @@ def class_order(num_classes: int, order: Union[str, Sequence[int]] = "seeded",
             out = list(ICARL_CIFAR100_ORDER)
         elif order == "natural":
             out = list(range(num_classes))
+        elif order == "zscl":
+            found = [o for o in ZSCL_CLASS_ORDERS.values() if len(o) == num_classes]
+            if not found:
+                raise ValueError(f"ZSCL has class orders for CIFAR100 (100 classes) and TinyImageNet (200), not for "
+                                 f"{num_classes} classes")
+            out = list(found[0])
         else:
-            raise ValueError(f"unknown class order {order!r}: use 'seeded', 'icarl', 'natural' or a list of labels")
+            raise ValueError(f"unknown class order {order!r}: use 'zscl', 'seeded', 'icarl', 'natural' or a list of "
+                             f"labels")
     else:
         out = [int(c) for c in order]
     if sorted(out) != list(range(num_classes)):
@@ -210,6 +231,7 @@ class CILSplit:
     classnames: List[str]                # all class names in the data set's label order
     step_classes: List[List[int]]        # data-set labels of each training step
     base_classnames: List[str] = field(default_factory=list)
+    order_source: Optional[str] = None   # where the order comes from (ZSCL's file, a --class-order FILE)
 
     @property
     def num_steps(self) -> int:
@@ -231,7 +253,8 @@ class CILSplit:
     def record(self) -> dict:
         return {
             "benchmark": self.benchmark, "steps": self.steps, "num_training_steps": self.num_steps,
-            "order_rule": self.order_rule, "seed": self.seed, "class_order": list(self.class_order),
+            "order_rule": self.order_rule, "seed": self.seed, "class_order_source": self.order_source,
+            "class_order": list(self.class_order),
             "class_order_names": self.ordered_classnames(),
             "step_classes": [list(s) for s in self.step_classes],
             "step_classnames": [[self.classnames[c] for c in s] for s in self.step_classes],
@@ -243,7 +266,7 @@ class CILSplit:
 
 def make_split(benchmark: str, steps: int, classnames: Sequence[str], *,
                order: Union[str, Sequence[int]] = "seeded", seed: int = DEFAULT_CLASS_ORDER_SEED,
-               base_classnames_: Optional[Sequence[str]] = None) -> CILSplit:
+               base_classnames_: Optional[Sequence[str]] = None, order_source: Optional[str] = None) -> CILSplit:
     """The ``CILSplit`` of ``benchmark`` in ``steps`` incremental steps over ``classnames`` (label order)."""
     proto = protocol(benchmark)
     if len(classnames) != proto.num_classes:
@@ -253,10 +276,12 @@ def make_split(benchmark: str, steps: int, classnames: Sequence[str], *,
                          f"{steps} equal steps; the seed uses {', '.join(map(str, proto.paper_steps))}")
     co = class_order(proto.num_classes, order, seed)
     rule = order if isinstance(order, str) else "given"
+    if rule == "zscl" and order_source is None:
+        order_source = f"ZSCL {ZSCL_ORDER_FILES[proto.dataset]}"
     return CILSplit(benchmark=proto.name, steps=int(steps), order_rule=rule,
                     seed=int(seed) if rule == "seeded" else None, class_order=co, classnames=list(classnames),
                     step_classes=split_steps(co, int(steps), proto.initial_classes),
-                    base_classnames=list(base_classnames_ or []))
+                    base_classnames=list(base_classnames_ or []), order_source=order_source)
 
 
 def write_or_check_split(split: CILSplit, record_dir: str) -> str:
@@ -347,60 +372,26 @@ def _imagenet_classnames() -> List[str]:
     return imagenet_classnames()
 
 
+@functools.lru_cache(maxsize=1)
+def _imagenet_info():
+    """timm's ImageNet-1k metadata (timm ships with open_clip): WordNet ids in label order, lemmas, glosses.
+    It replaces the 3,155-line copy this package kept (gift_fast/data/cil_metadata.py); the data are the
+    same (tests/test_cil_class_orders.py pins them)."""
+    from timm.data import ImageNetInfo
+
+    return ImageNetInfo("imagenet-1k")
+
+
 def imagenet_wnids() -> List[str]:
-    """ImageNet-1k's 1,000 WordNet ids in its label order (the order of CLIP's class names)."""
-    from gift_fast.data import cil_metadata
-    return list(cil_metadata.IMAGENET_WNIDS)
-
-
-TIMM_INFO_FILES = ("imagenet_synsets.txt", "imagenet_synset_to_lemma.txt", "imagenet_synset_to_definition.txt")
+    """ImageNet-1k's 1,000 WordNet ids in its label order (the order of CLIP's class names), from timm."""
+    return list(_imagenet_info().label_names())
 
 
 def imagenet_descriptions() -> List[str]:
-    """Per ImageNet-1k class (label order): its WordNet lemmas and gloss, "lemmas: gloss"; used by
-    ``base_classnames`` to find overlaps that the names alone hide ("triceratops: ... dinosaur ...")."""
-    from gift_fast.data import cil_metadata
-    return [f"{lem}: {gloss}" for lem, gloss in zip(cil_metadata.IMAGENET_LEMMAS, cil_metadata.IMAGENET_GLOSSES)]
-
-
-def generate_metadata(timm_info_dir: str) -> str:
-    """The source text of ``cil_metadata.py`` from timm's ``timm/data/_info`` folder (the files of
-    ``TIMM_INFO_FILES``): ImageNet-1k's wnids in label order, and their WordNet lemmas and glosses."""
-    import hashlib
-    import pprint
-    raw = {}
-    for name in TIMM_INFO_FILES:
-        with open(os.path.join(timm_info_dir, name), "rb") as f:
-            raw[name] = f.read()
-    wnids = raw["imagenet_synsets.txt"].decode("utf-8").split()
-    if len(wnids) != 1000 or wnids != sorted(wnids) or len(set(wnids)) != 1000:
-        raise ValueError(f"{timm_info_dir}/imagenet_synsets.txt: expected 1,000 distinct sorted wnids, "
-                         f"got {len(wnids)}")
-
-    def table(name):
-        out = {}
-        for line in raw[name].decode("utf-8").splitlines():
-            k, _, v = line.partition("\t")
-            out[k.strip()] = v.strip()
-        missing = [w for w in wnids if w not in out]
-        if missing:
-            raise ValueError(f"{name} lacks {len(missing)} ImageNet-1k wnids, e.g. {missing[0]}")
-        return [out[w] for w in wnids]
-
-    def lit(obj) -> str:
-        return pprint.pformat(obj, width=110)
-
-    source = {name: hashlib.sha256(raw[name]).hexdigest() for name in TIMM_INFO_FILES}
-    return ('"""GENERATED by gift_fast.data.cil.generate_metadata: do not edit by hand.\n\n'
-            "ImageNet-1k's WordNet ids in its label order (the order of CLIP's class names), with their WordNet\n"
-            "lemmas and glosses, from timm's timm/data/_info folder (SOURCE: sha256 of each file). The wnids map\n"
-            "TinyImageNet's classes to CLIP's ImageNet names; lemmas and glosses let base_classnames see overlaps.\n"
-            "Regenerate with:  python -m gift_fast.data.cil --timm-info PATH/timm/data/_info\n"
-            '"""\n\n'
-            f"SOURCE = {lit(source)}\n\n"
-            f"IMAGENET_WNIDS = {lit(tuple(wnids))}\n\n"
-            f"IMAGENET_LEMMAS = {lit(tuple(table('imagenet_synset_to_lemma.txt')))}\n\n"
-            f"IMAGENET_GLOSSES = {lit(tuple(table('imagenet_synset_to_definition.txt')))}\n")
+    """Per ImageNet-1k class (label order): its WordNet lemmas and gloss, "lemmas: gloss" (timm's detailed
+    label description); used by ``base_classnames`` to find overlaps that the names alone hide
+    ("triceratops: ... dinosaur ...")."""
+    return list(_imagenet_info().label_descriptions(detailed=True))
 
 
 # --------------------------------------------------------------------------- TinyImageNet
@@ -650,7 +641,8 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
               image_size: int = 224, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
               cache_dir: Optional[str] = None, record_dir: Optional[str] = None,
               templates: Optional[Sequence[str]] = None, lr: float = DEFAULT_CIL_LR, download: bool = False,
-              num_workers: Optional[int] = None, progress: bool = True) -> CILBenchmark:
+              num_workers: Optional[int] = None, progress: bool = True,
+              order_source: Optional[str] = None) -> CILBenchmark:
     """The class-incremental benchmark ``benchmark`` in ``steps`` steps from ``data_root``.
 
     CIFAR100 is read with torchvision (``DIR/cifar-100-python``, through ``gift_fast.data.mtil``, so
@@ -686,7 +678,8 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
         exclude = [index[w] for w in raw["wnids"] if w in index]
         source = {"data_root": raw["root"], "reader": "tiny-imagenet-200 folders"}
     base = base_classnames(names, num_base_classes, base_seed, exclude=exclude)
-    split = make_split(benchmark, steps, names, order=order, seed=seed, base_classnames_=base)
+    split = make_split(benchmark, steps, names, order=order, seed=seed, base_classnames_=base,
+                       order_source=order_source)
     record_path = write_or_check_split(split, record_dir) if record_dir is not None else None
     meta = {**source, "image_size": image_size, "cached": cache_dir is not None}
     tasks, evals = build_steps(benchmark, split, train, test, templates=templates, lr=lr, meta=meta)
@@ -765,20 +758,3 @@ def make_fake_tiny_imagenet_root(root: str, wnids: Optional[Sequence[str]] = Non
     with open(os.path.join(base, "val", "val_annotations.txt"), "w") as f:
         f.write("".join(lines))
     return list(wnids)
-
-
-def _main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
-    p = argparse.ArgumentParser(description="Regenerate gift_fast/data/cil_metadata.py from timm's synset files.")
-    p.add_argument("--timm-info", required=True,
-                   help="the timm/data/_info folder (of an installed timm, or of an unpacked wheel)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cil_metadata.py"))
-    a = p.parse_args(argv)
-    text = generate_metadata(a.timm_info)
-    from gift_fast.models import atomic_write_text
-    atomic_write_text(a.out, text)
-    print(f"wrote {a.out}")
-
-
-if __name__ == "__main__":
-    _main()
