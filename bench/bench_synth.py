@@ -10,14 +10,21 @@ Variants, in this order, one process:
                 bf16 fast path against that fp32 result (reported, not asserted: random weights)
   reference     the authors' way: StableDiffusionPipeline.__call__, fp16, one image per call
                 (default attention processor = SDPA, no safety checker: random weights have none)
-  plain_b16     gift-fast's loop, bf16, batch 16, SDPA, nothing else (no channels_last, no fused
-                QKV, default SDPA kernel): the "bf16 batch 16 + SDPA" anchor
+  plain_b16/b32 gift-fast's loop, bf16, SDPA, nothing else (no channels_last, no fused QKV,
+                default SDPA kernel, no cuDNN autotuning): the "bf16 batch 16 + SDPA" anchor, and
+                the CLI's eager default (--sd-compile none) at each batch size
+  qkv_nocl_b16/b32  fused QKV without channels_last (eager): which of the two layout choices
+                made run 1's fast eager rows slower than plain
   fast_b16/b32  + channels_last UNet/VAE, fused QKV, SDPA kernel picked by timing
   compiled      fast + torch.compile of the UNet (mode default), at the faster eager batch
                 size; the compile time is recorded. GIFT_FAST_BENCH_SYNTH_COMPILE=0 skips it,
                 =all also compiles the VAE decoder
   engine        synthesize_task end to end with the fastest generator: 48 images written as
                 JPEG (quality 75) by background threads while the GPU runs the next batch
+  safety_checker  the cost of the pipeline's safety checker (on by default in the CLI, as in the
+                reference): SD-1.5's checker architecture (CLIP ViT-L/14 vision tower, random
+                weights) on one batch of decoded images, the generator's GPU preprocessing
+                included; ms per image and the share it adds to the fastest row's time per image
 
 MFU = images/s x 42.7 TFLOP / 989 TFLOP/s (H200 dense bf16 peak); also given against the
 752 TFLOP/s bf16 matmul rate measured on the machine (DEVICE.md). FLOPs per image:
@@ -204,14 +211,27 @@ def _time_generator(benchmark, gen, batch, variant, **extra):
     return ips
 
 
-def test_plain_bf16_batch16_sdpa(benchmark):
+@pytest.mark.parametrize("b", BATCHES)
+def test_plain_bf16_sdpa(benchmark, b):
+    """Also the CLI's eager default (GeneratorConfig, MEASURED_EAGER); batch 32 was not measured in run 1."""
     torch.backends.cudnn.benchmark = False
-    b = BATCHES[0]
     gen = StableDiffusionGenerator(_pipe(torch.bfloat16 if CUDA else torch.float32), steps=STEPS, guidance=GUIDANCE,
                                    height=SIZE, width=SIZE, channels_last=False, fuse_qkv=False,
                                    sdpa_backend="default", safety_checker=False, cudnn_benchmark=False)
     _time_generator(benchmark, gen, b, f"plain_bf16_b{b}")
     # undo the attention set-up of this generator for the next ones (they install their own)
+    del gen
+    _free()
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_fused_qkv_without_channels_last(benchmark, b):
+    """Eager, fused QKV, no channels_last (runs before the channels_last generators convert the shared UNet)."""
+    torch.backends.cudnn.benchmark = CUDA
+    gen = StableDiffusionGenerator(_pipe(torch.bfloat16 if CUDA else torch.float32), steps=STEPS, guidance=GUIDANCE,
+                                   height=SIZE, width=SIZE, channels_last=False, fuse_qkv=True,
+                                   sdpa_backend="default", safety_checker=False)
+    _time_generator(benchmark, gen, b, f"qkv_nocl_b{b}")
     del gen
     _free()
 
@@ -274,6 +294,60 @@ def test_engine_end_to_end_with_jpeg_writing(benchmark):
             generator=("compiled" if "compiled_gen" in _STATE else "eager"))
 
 
+# SD-1.5's safety checker: CLIP ViT-L/14 vision tower (safety_checker/config.json of stable-diffusion-v1-5)
+SAFETY_VISION = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                      image_size=224, patch_size=14, hidden_act="quick_gelu") if CUDA else
+                 dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=224, patch_size=32, hidden_act="quick_gelu"))
+
+
+def test_safety_checker_cost(benchmark):
+    """What the default safety checker adds per image (never measured before run 3)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    with torch.device(DEVICE):
+        checker = StableDiffusionSafetyChecker(CLIPConfig(vision_config=SAFETY_VISION, projection_dim=768))
+    checker = checker.to(dtype=dtype).eval()
+    pipe = _pipe(dtype)
+    pipe.safety_checker = checker
+    try:
+        gen = StableDiffusionGenerator(pipe, steps=STEPS, guidance=GUIDANCE, height=SIZE, width=SIZE,
+                                       safety_checker=True)
+    finally:
+        pipe.safety_checker = None
+    assert gen.safety_checker is checker
+    batch = _STATE["compiled_gen"][1] if "compiled_gen" in _STATE else _best_eager_batch()
+    g = torch.Generator(DEVICE).manual_seed(0)
+    images = [(torch.rand(batch, 3, SIZE, SIZE, device=DEVICE, generator=g) * 2 - 1).to(dtype) for _ in range(3)]
+    state = {"k": 0}
+
+    def check():
+        state["k"] += 1
+        flags = gen._safety_flags(images[state["k"] % len(images)])
+        _sync()
+        return flags
+
+    check()  # warm-up
+    t0 = time.perf_counter()
+    benchmark.pedantic(check, rounds=TIMED_BATCHES, iterations=1, warmup_rounds=0)
+    per_image = (time.perf_counter() - t0) / (TIMED_BATCHES * batch)
+    best = max((r["images_per_s"] for k, r in RESULTS.items()
+                if "images_per_s" in r and k != "reference_fp16_b1" and not k.startswith("safety")), default=None)
+    extra = dict(batch=batch, ms_per_image=round(per_image * 1e3, 3))
+    if best:
+        extra.update(vs_fastest_row=round(per_image * best, 4),
+                     fastest_with_checker_images_per_s=round(1 / (1 / best + per_image), 3))
+    info = dict(variant="safety_checker_only", checker_images_per_s=round(1 / per_image, 2), device=str(DEVICE),
+                gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, **extra)
+    benchmark.extra_info.update(info)
+    RESULTS["safety_checker_only"] = info
+    print(f"\n[synth] safety checker: {json.dumps(info, default=str)}")
+    del gen, checker
+    _free()
+
+
 def test_zz_summary():
     """The table of this run (printed; also written to $GIFT_FAST_BENCH_SYNTH_SUMMARY)."""
     rows = ["| variant | images/s | x reference | MFU (989) | MFU (752 measured) | notes |",
@@ -288,6 +362,8 @@ def test_zz_summary():
                     f"{r.get('mfu_vs_752_measured', '-')} | {json.dumps(notes, default=str)} |")
     head = (f"SD synthesis, {ARCH} {SIZE}x{SIZE}, {STEPS} steps, guidance {GUIDANCE}, "
             f"{torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}")
+    if "safety_checker_only" in RESULTS:
+        head += f"\nsafety checker: {json.dumps(RESULTS['safety_checker_only'], default=str)}"
     if "correctness" in RESULTS:
         head += f"\ncorrectness: {json.dumps(RESULTS['correctness'], default=str)}"
     table = head + "\n\n" + "\n".join(rows) + "\n"

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from gift_fast.cli.sd_options import SDPA_CHOICES, generator_fields, merge_alias, sd_options
+
 TINY_TASKS = [("ToyShapes", ["circle", "square", "triangle", "star"]),
               ("ToyAnimals", ["cat", "dog", "horse"]),
               ("ToyVehicles", ["car", "bicycle", "boat", "train", "plane"])]
@@ -16,7 +18,7 @@ TINY_TASKS = [("ToyShapes", ["circle", "square", "triangle", "star"]),
 # preset -> defaults for options the user did not give
 PRESETS = {
     "tiny": dict(images_per_task=6, steps=4, batch_size=4, height=32, width=32, out="runs/synth-tiny",
-                 device="cpu", dtype="fp32"),
+                 device="cpu", dtype="fp32", safety_checker=False),   # the tiny pipeline has no checker
 }
 
 
@@ -37,39 +39,28 @@ def _init_distributed(device_opt):
 
 
 @click.command("synth")
-@click.option("--order", type=int, default=None, help="MTIL order 1 or 2 (the 11 tasks and their class names).")
+@click.option("--order", type=int, default=None, help="MTIL order 1 or 2: the 11 tasks and their class names "
+              "(default 1, as in train).")
 @click.option("--task-file", type=click.Path(dir_okay=False), default=None,
               help='Custom tasks: JSON {"tasks": [{"name": ..., "classnames": [...]}], "base_classnames": [...]?} '
                    "or CSV with header task,classname.")
 @click.option("--tasks", "only", default=None, help="Comma-separated subset of the sequence to synthesize "
               "(the class pool still includes every earlier task), e.g. Aircraft,DTD.")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default 50; below 50: DPM-Solver multistep).")
 @click.option("--images-per-task", type=int, default=None, help="Images per task (default 1000).")
 @click.option("--out", default=None, help="Output root (default data/synthetic): <out>/<Task>_Syn/<i>.jpeg.")
-@click.option("--model", default=None, help="Diffusers SD-1.x/2.x pipeline: Hub id or local folder "
-              "(default stable-diffusion-v1-5/stable-diffusion-v1-5).")
+@sd_options("Denoising steps (default 50, the paper's; below 50: DPM-Solver multistep, e.g. 25).")
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--batch-size", type=int, default=None, help="Images per generator call (default 16).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               help="Network precision (default bf16 on CUDA, fp32 on CPU).")
 @click.option("--bf16", "bf16_flag", is_flag=True, help="Same as --dtype bf16.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet (fixed batch shape).")
-@click.option("--compile-vae", is_flag=True, help="Also compile the VAE decoder (with --compile).")
-@click.option("--compile-mode", default="default", show_default=True,
-              help="torch.compile mode: default, reduce-overhead, max-autotune-no-cudagraphs, ...")
 @click.option("--seed", type=int, default=42, show_default=True, help="Run seed (prompts and image seeds).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
               help="tiny: a tiny random diffusers pipeline built in code, CPU, seconds (CI).")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda:LOCAL_RANK if available).")
-@click.option("--attention", type=click.Choice(["auto", "sdpa", "xformers"]), default="auto", show_default=True,
-              help="sdpa: PyTorch SDPA; xformers: only if its CUDA operators work here.")
-@click.option("--sdpa-backend", type=click.Choice(["auto", "default", "cudnn", "flash", "efficient"]),
-              default="auto", show_default=True, help="SDPA kernel preference (auto: timed on the UNet).")
 @click.option("--scheduler", type=click.Choice(["auto", "default", "dpm"]), default="auto", show_default=True,
               help="auto: the checkpoint's scheduler at >= 50 steps, DPM-Solver multistep below.")
 @click.option("--height", type=int, default=None, help="Image height (default: the model's).")
 @click.option("--width", type=int, default=None, help="Image width (default: the model's).")
-@click.option("--no-safety-checker", is_flag=True, help="Do not run the pipeline's safety checker.")
 @click.option("--max-retries", type=int, default=10, show_default=True,
               help="Regenerations (next seed) of an image the safety checker blacked out.")
 @click.option("--jpeg-quality", type=int, default=75, show_default=True, help="JPEG quality (Pillow's default).")
@@ -90,14 +81,27 @@ def _init_distributed(device_opt):
 @click.option("--pool-exclude", default=None,
               help="Comma-separated data sets whose classes stay out of the prompt pool (paper Fig. 9), "
                    "e.g. ImageNet or Aircraft; recorded in the manifests.")
-def synth(order, task_file, only, steps, images_per_task, out, model, guidance, batch_size, dtype, bf16_flag,
-          compile_, compile_vae, compile_mode, seed, preset, device, attention, sdpa_backend, scheduler, height,
-          width, no_safety_checker, max_retries, jpeg_quality, template, overwrite, quiet, prompts_only,
-          prompts_from, seed_scheme, pool_exclude):
+# old spellings (one release): the same settings as the --sd-* options above
+@click.option("--steps", "old_steps", type=int, default=None, hidden=True)
+@click.option("--model", "old_model", default=None, hidden=True)
+@click.option("--batch-size", "old_batch_size", type=int, default=None, hidden=True)
+@click.option("--compile", "old_compile", is_flag=True, default=None, hidden=True)
+@click.option("--compile-vae", "old_compile_vae", is_flag=True, default=None, hidden=True)
+@click.option("--compile-mode", "old_compile_mode", default=None, hidden=True)
+@click.option("--attention", "old_attention", type=click.Choice(["auto", "sdpa", "xformers"]), default=None,
+              hidden=True)
+@click.option("--sdpa-backend", "old_sdpa_backend", type=click.Choice(SDPA_CHOICES), default=None, hidden=True)
+@click.option("--no-safety-checker", "old_no_safety_checker", is_flag=True, default=None, hidden=True)
+def synth(order, task_file, only, images_per_task, out, guidance, dtype, bf16_flag, seed, preset, device, scheduler,
+          height, width, max_retries, jpeg_quality, template, overwrite, quiet, prompts_only, prompts_from,
+          seed_scheme, pool_exclude, **sd):
     """Generate the synthetic replay images of GIFT for every task of a sequence.
 
+    On CUDA the defaults are the fastest exact configuration measured (bench/RESULTS.md):
+    bf16, UNet compiled, batch 32; --sd-compile none runs eager at batch 16.
+
     \b
-    gift-fast synth --order 1 --steps 25 --images-per-task 1000 --out data/synthetic --bf16
+    gift-fast synth --sd-steps 25 --out data/synthetic       # MTIL Order I (--order 1, the default)
     gift-fast synth --preset tiny                      # seconds on a CPU, no download
     gift-fast synth --order 1 --prompts-only --out data/synthetic   # the prompts only, no model
     gift-fast synth --order 1 --prompts-from AUTHORS_DIR --seed-scheme authors --out data/synthetic
@@ -109,11 +113,16 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
     from gift_fast.synth.engine import SynthError, check_writable, load_task_file, mtil_tasks
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sd = _merge_old_spellings(sd)
     defaults = PRESETS.get(preset, {})
-    steps = steps if steps is not None else defaults.get("steps", 50)
+    if sd.get("sd_steps") is None:
+        sd["sd_steps"] = defaults.get("steps")
+    if sd.get("sd_batch_size") is None:
+        sd["sd_batch_size"] = defaults.get("batch_size")
+    if sd.get("sd_safety_checker") is None:
+        sd["sd_safety_checker"] = defaults.get("safety_checker")
     if images_per_task is None and not prompts_from:   # --prompts-from: all rows unless given
         images_per_task = defaults.get("images_per_task", 1000)
-    batch_size = batch_size if batch_size is not None else defaults.get("batch_size", 16)
     out = out if out is not None else defaults.get("out", "data/synthetic")
     height = height if height is not None else defaults.get("height")
     width = width if width is not None else defaults.get("width")
@@ -123,13 +132,14 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
             raise click.UsageError(f"--bf16 contradicts --dtype {dtype}")
         dtype = "bf16"
     dtype = dtype if dtype is not None else defaults.get("dtype")
-    if preset and model:
-        raise click.UsageError("--preset tiny builds its own model: drop --model (or drop --preset)")
+    if preset and sd.get("sd_model"):
+        raise click.UsageError("--preset tiny builds its own model: drop --sd-model (or drop --preset)")
     if order is not None and task_file:
         raise click.UsageError("give --order or --task-file, not both")
     if prompts_only and prompts_from:
         raise click.UsageError("--prompts-only writes new prompts; --prompts-from reads existing ones: give one")
-    for name, v in (("--steps", steps), ("--images-per-task", images_per_task), ("--batch-size", batch_size)):
+    for name, v in (("--sd-steps", sd.get("sd_steps")), ("--images-per-task", images_per_task),
+                    ("--sd-batch-size", sd.get("sd_batch_size"))):
         if v is not None and v < 1:
             raise click.BadParameter(f"{name} must be >= 1, got {v}")
 
@@ -137,12 +147,10 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
     try:
         if task_file:
             tasks, base = load_task_file(task_file)
-        elif order is not None:
-            tasks = mtil_tasks(order)
-        elif preset == "tiny":
+        elif order is None and preset == "tiny":
             tasks = TINY_TASKS
         else:
-            raise click.UsageError("say which tasks: --order 1|2 (MTIL), --task-file FILE, or --preset tiny")
+            tasks = mtil_tasks(1 if order is None else order)   # Order I by default, as gift-fast train
     except (ValueError, FileNotFoundError, SynthError) as e:
         raise click.UsageError(str(e)) from None
     only_list = [s.strip() for s in only.split(",") if s.strip()] if only else None
@@ -161,9 +169,18 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
             raise click.UsageError(f"unknown data set(s) in --pool-exclude: {', '.join(unknown)}; "
                                    f"the pool's sources are: {', '.join(known)}")
 
-    try:  # before loading a model that may take a minute
+    # checks before cost: the output folder and its disk, then the model (before loading it)
+    from gift_fast.preflight import SYNTH_JPEG_BYTES, ModelUnavailable, check_free_space, check_sd_model
+    from gift_fast.synth.generators import GeneratorConfig
+
+    try:
         check_writable(out)
-    except SynthError as e:
+        n_tasks = len(only_list) if only_list else len(tasks)
+        if preset is None and not prompts_only:   # the tiny preset's 32x32 images take kilobytes; CSVs too
+            n_images = images_per_task or 1000       # --prompts-from without --images-per-task: the paper's 1,000
+            check_free_space(out, n_tasks * n_images * SYNTH_JPEG_BYTES, f"{n_tasks} x {n_images} images",
+                             "choose another --out")
+    except (SynthError, OSError) as e:
         raise click.UsageError(str(e)) from None
     sequence_kw = dict(seed_scheme=seed_scheme, pool_exclude=exclude, prompts_from=prompts_from)
     if prompts_only:
@@ -171,21 +188,26 @@ def synth(order, task_file, only, steps, images_per_task, out, model, guidance, 
                       template=template, only_list=only_list, sequence_kw=sequence_kw)
         return
     rank, world, dev = _init_distributed(device)
+    gen_fields = generator_fields(sd)
+    gen_fields.update(guidance=guidance, scheduler=scheduler, height=height, width=width, dtype=dtype)
+    try:
+        gen_cfg = GeneratorConfig(**gen_fields).resolve(dev)
+        local_only = None if preset == "tiny" else check_sd_model(gen_cfg.model)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    except ModelUnavailable as e:
+        raise click.ClickException(str(e)) from None
 
-    gen_kwargs = dict(steps=steps, guidance=guidance, scheduler=scheduler, height=height, width=width,
-                      attention=attention, sdpa_backend=sdpa_backend,
-                      compile=("all" if compile_vae else "unet") if compile_ else False, compile_mode=compile_mode)
     t0 = time.perf_counter()
     import torch
     threads = torch.get_num_threads()
     if preset == "tiny" and dev.type == "cpu":
         torch.set_num_threads(1)  # tiny convolutions gain nothing from threads; they only contend
     try:
-        _run(preset=preset, model=model, dev=dev, dtype=dtype, no_safety_checker=no_safety_checker,
-             gen_kwargs=gen_kwargs, tasks=tasks, out=out, images_per_task=images_per_task, seed=seed, base=base,
-             template=template, only_list=only_list, batch_size=batch_size, rank=rank, world=world, quiet=quiet,
-             jpeg_quality=jpeg_quality, max_retries=max_retries, overwrite=overwrite, t0=t0,
-             sequence_kw=sequence_kw)
+        _run(preset=preset, gen_cfg=gen_cfg, local_only=local_only, dev=dev, tasks=tasks, out=out,
+             images_per_task=images_per_task, seed=seed, base=base, template=template, only_list=only_list,
+             rank=rank, world=world, quiet=quiet, jpeg_quality=jpeg_quality, max_retries=max_retries,
+             overwrite=overwrite, t0=t0, sequence_kw=sequence_kw)
     finally:
         torch.set_num_threads(threads)
 
@@ -208,21 +230,42 @@ def _prompts_only(*, tasks, out, images_per_task, seed, base, template, only_lis
           f"{time.perf_counter() - t0:.1f} s")
 
 
-def _run(*, preset, model, dev, dtype, no_safety_checker, gen_kwargs, tasks, out, images_per_task, seed, base,
-          template, only_list, batch_size, rank, world, quiet, jpeg_quality, max_retries, overwrite, t0,
-          sequence_kw):
+def _merge_old_spellings(sd: dict) -> dict:
+    """--steps, --model, --batch-size, --compile[-vae|-mode], --attention, --sdpa-backend, --no-safety-checker:
+    the spellings before the --sd-* options, kept hidden for one release."""
+    old_compile = sd.pop("old_compile", None)
+    old_vae = sd.pop("old_compile_vae", None)
+    compile_old = ("all" if old_vae else "unet") if old_compile else None
+    if old_vae and not old_compile:
+        raise click.UsageError("--compile-vae goes with --compile (now: --sd-compile all)")
+    no_checker = sd.pop("old_no_safety_checker", None)
+    pairs = [("--sd-steps", "sd_steps", "--steps", sd.pop("old_steps", None)),
+             ("--sd-model", "sd_model", "--model", sd.pop("old_model", None)),
+             ("--sd-batch-size", "sd_batch_size", "--batch-size", sd.pop("old_batch_size", None)),
+             ("--sd-compile", "sd_compile", "--compile", compile_old),
+             ("--sd-compile-mode", "sd_compile_mode", "--compile-mode", sd.pop("old_compile_mode", None)),
+             ("--sd-attention", "sd_attention", "--attention", sd.pop("old_attention", None)),
+             ("--sd-sdpa-backend", "sd_sdpa_backend", "--sdpa-backend", sd.pop("old_sdpa_backend", None)),
+             ("--sd-safety-checker", "sd_safety_checker", "--no-safety-checker", False if no_checker else None)]
+    for new_name, dest, old_name, old in pairs:
+        sd[dest] = merge_alias(new_name, sd.get(dest), old_name, old)
+    return sd
+
+
+def _run(*, preset, gen_cfg, local_only, dev, tasks, out, images_per_task, seed, base, template, only_list, rank,
+         world, quiet, jpeg_quality, max_retries, overwrite, t0, sequence_kw):
     """Load the generator and synthesize (after the options were checked)."""
     import time
 
     from gift_fast.synth.engine import SynthError, synthesize_sequence
-    from gift_fast.synth.generators import DEFAULT_MODEL, StableDiffusionGenerator
+    from gift_fast.synth.generators import StableDiffusionGenerator
 
+    batch_size = gen_cfg.batch_size
     try:
         if preset == "tiny":
-            generator = StableDiffusionGenerator.tiny(device=dev, dtype=dtype, **gen_kwargs)
+            generator = StableDiffusionGenerator.tiny(device=dev, dtype=gen_cfg.dtype, **gen_cfg.generator_kwargs())
         else:
-            generator = StableDiffusionGenerator.from_pretrained(model or DEFAULT_MODEL, device=dev, dtype=dtype,
-                                                                 safety_checker=not no_safety_checker, **gen_kwargs)
+            generator = StableDiffusionGenerator.from_config(gen_cfg, device=dev, local_files_only=local_only)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
     except RuntimeError as e:
@@ -232,6 +275,7 @@ def _run(*, preset, model, dev, dtype, no_safety_checker, gen_kwargs, tasks, out
           f"{cfg['height']}x{cfg['width']} | {str(generator.dtype).replace('torch.', '')} on {dev} | "
           f"{len(tasks)} tasks x {images_per_task or 'all CSV'} images | world size {world} | "
           f"loaded in {time.perf_counter() - t0:.1f} s", rank)
+    _echo(f"generator: {gen_cfg.summary()}", rank)
     try:
         manifest = synthesize_sequence(
             generator, tasks, out, images_per_task=images_per_task, seed=seed, base_classnames=base,

@@ -8,6 +8,8 @@ import os
 
 import click
 
+from gift_fast.cli.sd_options import merge_alias, sd_options
+
 # Defaults of the MTIL path (the tiny preset brings its own): the folders the other commands write.
 MTIL_DEFAULTS = dict(data_root="data/mtil", synth="data/synthetic", data_cache="data/cache")
 
@@ -74,22 +76,24 @@ def _seeds(value):
               help="Distill on real images instead (Tab. 5): <class>/<image> folders or image_text.csv.")
 @click.option("--images-per-task", type=int, default=None, help="Distillation pairs per task (default 1000).")
 @click.option("--generator", type=click.Choice(["sd", "toy"]), default=None, help="On-the-fly generator.")
-@click.option("--sd-model", default=None, help="Stable Diffusion pipeline (Hub id or folder) for on-the-fly.")
-@click.option("--sd-steps", type=int, default=None, help="Denoising steps for on-the-fly (default 50).")
+@sd_options("Denoising steps of on-the-fly synthesis (default 50, the paper's; below 50: DPM-Solver multistep).")
 @click.option("--synth-seed", type=int, default=None, help="Seed of prompts and images (default: --seeds).")
 @click.option("--keep-synth", is_flag=True, default=None, help="Keep on-the-fly images in <out>/synthetic.")
 # optimisation
-@click.option("--steps", type=int, default=None, help="Iterations per task (default 1000). With a class-incremental "
-              "--benchmark: the number of incremental steps (cifar100-cil 10|20|50, tinyimagenet-cil 5|10|20).")
+@click.option("--steps", type=int, default=None, help="Iterations per task (default 1000).")
 @click.option("--batch-size", type=int, default=None, help="Task images per step (default 64).")
-@click.option("--syn-batch-size", type=int, default=None, help="Synthetic pairs per step (default 64).")
+@click.option("--distill-batch-size", "syn_batch_size", type=int, default=None,
+              help="Synthetic (distillation) pairs per step (default 64). Not --sd-batch-size, the images per "
+              "generator call.")
+@click.option("--syn-batch-size", "old_syn_batch_size", type=int, default=None, hidden=True)  # old spelling
 @click.option("--warmup", type=int, default=None, help="Warm-up steps of the cosine schedule (default 100).")
 @click.option("--lr", type=float, default=None, help="One learning rate for all tasks (default: per task, "
               "5e-5 for Aircraft and MNIST, 1e-5 otherwise).")
 # speed
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto).")
 @click.option("--bf16", is_flag=True, default=None, help="bf16 autocast with fp32 master weights.")
-@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the transformer blocks.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="Regional torch.compile of the transformer "
+              "blocks (default: on CUDA, the fastest measured step; never on the CPU).")
 @click.option("--kernels", type=click.Choice(["triton", "torch", "auto"]), default=None,
               help="Fused Triton loss and AWC (auto: on CUDA). Default auto.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads per run.")
@@ -107,7 +111,9 @@ def _seeds(value):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
 @click.option("--benchmark", type=click.Choice(["mtil", "cifar100-cil", "tinyimagenet-cil"]), default=None,
-              help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --steps N.")
+              help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --increments N.")
+@click.option("--increments", type=int, default=None, help="Class-incremental --benchmark: the number of incremental "
+              "steps (cifar100-cil 10|20|50, tinyimagenet-cil 5|10|20).")
 @click.option("--class-order", default=None, help="Class-incremental class order: zscl (default: ZSCL's orders, "
               "CIFAR100's = iCaRL's), seed:N, icarl, natural, or a YAML / JSON FILE with class_order: [...] (ZSCL's "
               "format). --resume keeps a run's recorded order.")
@@ -127,12 +133,16 @@ def _seeds(value):
 @click.option("--track-every", type=int, default=None, help="Steps between curve points (default: --log-every).")
 # --- end research tooling ---
 def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, benchmark, class_order, iterations,
-          **opts):
+          increments, old_syn_batch_size, **opts):
     """Continual training of CLIP on a task sequence with GIFT (or a baseline), evaluation after every task.
+
+    On CUDA the defaults are the fastest exact configuration measured (bench/RESULTS.md):
+    compiled blocks (--no-compile: eager), Triton loss and AWC; on-the-fly synthesis as
+    `gift-fast synth` (the same --sd-* options).
 
     \b
     gift-fast train --preset tiny --out runs/tiny        # the toy world, CPU, minutes
-    gift-fast train --order 1 --bf16 --out runs/order1   # the paper's MTIL protocol (GPU)
+    gift-fast train --order 1 --bf16 --out runs/order1   # the paper's MTIL protocol (GPU; --order 1 is the default)
     """
 
     from gift_fast.distributed import env_world_size
@@ -142,6 +152,9 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     opts["compile"] = compile_
+    opts["syn_batch_size"] = merge_alias("--distill-batch-size", opts.get("syn_batch_size"), "--syn-batch-size",
+                                         old_syn_batch_size)
+    opts["synth_batch_size"] = opts.pop("sd_batch_size", None)
     # --- research tooling (issue 16): --config FILE under the command line's options ---
     config_file = opts.pop("config_file", None)
     if opts.get("track") is not None:
@@ -171,6 +184,16 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
     # --- end research tooling ---
     # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
     if benchmark not in (None, "mtil"):
+        if increments is not None:
+            if opts.get("steps") is not None:
+                raise click.UsageError("with --benchmark, give the number of increments as --increments "
+                                       "(--steps there is its old spelling): not both")
+            opts["steps"] = increments
+        elif opts.get("steps") is not None:
+            click.echo("note: --steps under --benchmark is the old spelling of --increments", err=True)
+        else:
+            raise click.UsageError(f"--benchmark {benchmark} needs --increments N, the number of class-incremental "
+                                   f"steps")
         if world > 1:
             raise click.UsageError("the class-incremental benchmarks run in one process: start them without "
                                    "torchrun (or with --nproc_per_node 1)")
@@ -190,8 +213,9 @@ def train(preset, out, resume, method, seeds, jobs, no_plots, quiet, compile_, b
             raise click.ClickException(str(e)) from None
         click.echo(text)
         return
-    if class_order is not None or iterations is not None:
-        raise click.UsageError("--class-order and --iterations are options of a class-incremental --benchmark")
+    if class_order is not None or iterations is not None or increments is not None:
+        raise click.UsageError("--class-order, --iterations and --increments are options of a class-incremental "
+                               "--benchmark")
     # --- end class-incremental ---
     if world > 1:
         if jobs not in (None, 1):
@@ -307,6 +331,9 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
             kw.setdefault("data_root", MTIL_DEFAULTS["data_root"])
             kw.setdefault("data_cache", MTIL_DEFAULTS["data_cache"])
             cfg = TrainConfig(**kw)
+        from gift_fast.preflight import check_eval
+
+        check_eval(cfg)                           # data sets, cache space, weights: before any model is loaded
         dist, dev = init_from_env(cfg.device)   # under torchrun each process scores a share of every test set
         try:
             with main_first(dist):

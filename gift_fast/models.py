@@ -246,9 +246,10 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
         model, _, preprocess_val = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, cache_dir=cache_dir, **kwargs)
     except RuntimeError as e:
+        from gift_fast.preflight import ModelUnavailable
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise RuntimeError(
-            f"could not load {model_name!r} with pretrained={pretrained!r}: {e}\n"
+        raise ModelUnavailable(
+            f"could not load {model_name!r} with pretrained={pretrained!r}: {e}. "
             f"Known tags for this model: {tags}. Without internet access, download the weights elsewhere "
             f"and pass the file: --pretrained /path/to/weights") from e
     if own_safetensors is not None:

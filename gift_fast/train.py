@@ -193,7 +193,16 @@ class TrainConfig:
     generator: str = "sd"              # on-the-fly generator: sd (Stable Diffusion) | toy
     sd_model: Optional[str] = None
     sd_steps: int = 50
-    synth_batch_size: int = 16
+    synth_batch_size: Optional[int] = None   # images per generator call (None: the measured default, --sd-batch-size)
+    # the rest of the on-the-fly generator's configuration (gift_fast.synth.generators.GeneratorConfig; None: the
+    # measured default for the device, see bench/RESULTS.md)
+    sd_compile: Optional[str] = None   # auto | none | unet | all
+    sd_compile_mode: Optional[str] = None
+    sd_channels_last: Optional[bool] = None
+    sd_fused_qkv: Optional[bool] = None
+    sd_attention: str = "auto"
+    sd_sdpa_backend: Optional[str] = None
+    sd_safety_checker: bool = True
     synth_seed: Optional[int] = None   # default: seed
     keep_synth: bool = False
     # optimisation (docs/METHOD.md, "The MTIL protocol")
@@ -205,7 +214,7 @@ class TrainConfig:
     # speed
     device: str = "auto"
     bf16: bool = False
-    compile: bool = False
+    compile: Optional[bool] = None     # regional torch.compile of the blocks (None: on CUDA, not on the CPU)
     kernels: str = "auto"
     threads: Optional[int] = None
     num_workers: int = 4
@@ -230,15 +239,36 @@ class TrainConfig:
         return resolve_method(self.method, cd=self.cd, ita=self.ita, awc=self.awc, consolidation=self.consolidation,
                               distill=self.distill, teacher=self.teacher)
 
+    def generator_config(self):
+        """The on-the-fly Stable Diffusion generator's ``GeneratorConfig`` (the one ``gift-fast synth`` uses)."""
+        from gift_fast.synth.generators import GeneratorConfig
+
+        return GeneratorConfig(**{g: getattr(self, t) for g, t in SD_FIELDS.items()})
+
+    def compiles(self, device: torch.device) -> bool:
+        """``compile`` resolved: None compiles on CUDA (the faster measured step, bench/RESULTS.md run 2), not on the CPU."""
+        return bool(self.compile) if self.compile is not None else torch.device(device).type == "cuda"
+
+
+# GeneratorConfig field -> TrainConfig field (the CLI's --sd-* options of both commands)
+SD_FIELDS = {"model": "sd_model", "steps": "sd_steps", "batch_size": "synth_batch_size", "compile": "sd_compile",
+             "compile_mode": "sd_compile_mode", "channels_last": "sd_channels_last", "fuse_qkv": "sd_fused_qkv",
+             "attention": "sd_attention", "sdpa_backend": "sd_sdpa_backend", "safety_checker": "sd_safety_checker"}
+
 
 # Fields that do not change a run's numbers (may differ between a run and its resume).
 _RESUME_FREE = {"out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers",
                 "eval_batch_size", "log_every", "keep_checkpoints", "plots", "label", "keep_synth",
-                "synth_batch_size", "data_cache", "checkpoint_every", "report_to", "name", "track", "track_every"}
+                "synth_batch_size", "data_cache", "checkpoint_every", "report_to", "name", "track", "track_every",
+                "sd_compile", "sd_compile_mode", "sd_channels_last", "sd_fused_qkv", "sd_attention", "sd_sdpa_backend"}
+# Fields added after runs were written, with the value those runs used: left out of the identity at that
+# value, so a run folder written before resumes (its identity has no such key).
+_ADDED_WITH = {"sd_safety_checker": True}
 
 
 def identity_of(cfg: TrainConfig) -> Dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_FREE}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in _RESUME_FREE and not (k in _ADDED_WITH and v == _ADDED_WITH[k])}
 
 
 def _derived_seed(*parts: int) -> int:
@@ -472,6 +502,10 @@ class ContinualTrainer:
         if cfg.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("--bf16 needs a GPU with bfloat16 support")
         self.out = Path(cfg.out)
+        if bundle is None and tasks is None:
+            from gift_fast.preflight import check_train
+
+            check_train(cfg)    # data, synthetic folder, disk, weights: before any model is loaded
         self._check_synthetic_source()
         from gift_fast.distributed import main_first
 
@@ -501,7 +535,7 @@ class ContinualTrainer:
             self.awc = AdaptiveWeightConsolidation(
                 self.model.named_parameters(), strength=cfg.l2, decay=cfg.awc_decay,
                 fisher=self.method.consolidation, exclude=("logit_scale",), backend=awc_backend)
-        if cfg.compile:
+        if cfg.compiles(self.device):
             from gift_fast.step import compile_blocks
 
             compile_blocks(self.model, dynamic=None)
@@ -550,11 +584,21 @@ class ContinualTrainer:
 
                 self.generator = ToyGenerator()
             else:
-                from gift_fast.synth.generators import DEFAULT_MODEL, StableDiffusionGenerator
+                from gift_fast.preflight import check_sd_model
+                from gift_fast.synth.generators import StableDiffusionGenerator
 
-                self.generator = StableDiffusionGenerator.from_pretrained(
-                    self.cfg.sd_model or DEFAULT_MODEL, device=self.device, steps=self.cfg.sd_steps)
+                gen_cfg = self.cfg.generator_config().resolve(self.device)
+                self._note(f"on-the-fly generator: {gen_cfg.model}, {gen_cfg.steps} steps | {gen_cfg.summary()}")
+                self.generator = StableDiffusionGenerator.from_config(
+                    gen_cfg, device=self.device, local_files_only=check_sd_model(gen_cfg.model))
         return self.generator
+
+    def _synth_batch_size(self) -> int:
+        if self.cfg.synth_batch_size is not None:
+            return self.cfg.synth_batch_size
+        if self.cfg.generator == "toy":
+            return 16
+        return self.cfg.generator_config().resolve(self.device).batch_size
 
     def _base_classnames(self) -> List[str]:
         if self.cfg.toy or getattr(self.generator, "name", "") == "toy":
@@ -593,7 +637,7 @@ class ContinualTrainer:
             fmt = "png" if getattr(gen, "name", "") == "toy" else "jpeg"
             # each process generates its share (the engine's rank sharding); rank 0 writes the index
             synthesize_task(gen, task.name, prompts, root, seed=self._synth_seed(), task_index=t,
-                            batch_size=cfg.synth_batch_size, progress=self._progress, image_format=fmt,
+                            batch_size=self._synth_batch_size(), progress=self._progress, image_format=fmt,
                             overwrite=True, rank=self.dist.rank, world_size=self.dist.world_size)
             self.dist.barrier()          # the index is complete before anyone reads it
             return load_synthetic_set(root, task.name, image_size=size, progress=self._progress)

@@ -159,7 +159,7 @@ def test_command_line(fake_root, tmp_path):
     m = json.load(open(out / "metrics.json"))
     assert m["cil_steps"] == 2 and len(m["step_accuracies"]) == 3
     res = CliRunner().invoke(main, args[:3] + args[5:])                  # no --steps
-    assert res.exit_code != 0 and "needs --steps" in res.output
+    assert res.exit_code != 0 and "needs --increments" in res.output
     res = CliRunner().invoke(main, args + ["--order", "1"])
     assert res.exit_code != 0 and "MTIL option" in res.output
     res = CliRunner().invoke(main, ["train", "--class-order", "icarl", "--preset", "tiny"])

@@ -26,6 +26,7 @@ for the benchmarks (speed does not depend on the weights).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
@@ -357,6 +359,94 @@ def _versions() -> Dict[str, str]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# One generator configuration for `gift-fast synth` and on-the-fly synthesis in `gift-fast train`
+
+# The speed choices left at None ("auto") resolve to the fastest *exact* configuration measured on
+# the H200 (bench/RESULTS.md, run 1, "Synthesis" table; every row computes the same images up to
+# bf16 rounding). Compiled UNet: the row "gift-fast, UNet compiled (torch.compile default mode),
+# batch 32" (8.52 images/s, the fastest row; it ran with channels_last, fused QKV and the SDPA
+# kernel the timing picked, "default"). Eager (--sd-compile none): the row "plain bf16, batch 16,
+# SDPA" (6.12 images/s, faster than fused QKV + channels_last at 5.65 / 5.70). The CPU was never
+# measured: it runs the eager row's settings (compiling there costs more than it saves).
+MEASURED_COMPILED = dict(batch_size=32, channels_last=True, fuse_qkv=True, sdpa_backend="default",
+                         cudnn_benchmark=True, compile_mode="default")
+MEASURED_EAGER = dict(batch_size=16, channels_last=False, fuse_qkv=False, sdpa_backend="default",
+                      cudnn_benchmark=False)
+COMPILE_CHOICES = ("auto", "none", "unet", "all")
+
+
+@dataclass
+class GeneratorConfig:
+    """How Stable Diffusion images are made: the one configuration behind ``gift-fast synth`` and
+    ``gift-fast train --synth on-the-fly`` (same options, same names, ``--sd-*``, in both).
+
+    Fields that change the images: ``model``, ``steps`` (the paper's 50; below 50 the
+    DPM-Solver multistep scheduler), ``guidance``, ``scheduler``, ``height`` / ``width`` and
+    ``safety_checker`` (on, as the reference pipeline: flagged images are regenerated with
+    the next seed). The others only change the speed; ``None`` means "the measured default
+    for this device" (``resolve``).
+    """
+
+    model: Optional[str] = None            # Hub id or diffusers folder (None: DEFAULT_MODEL)
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    scheduler: str = "auto"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    dtype: Optional[str] = None            # None: bf16 on CUDA, fp32 on the CPU
+    safety_checker: bool = True
+    # speed only
+    batch_size: Optional[int] = None       # images per generator call
+    compile: Optional[str] = None          # auto | none | unet | all (None = auto: unet on CUDA)
+    compile_mode: Optional[str] = None     # torch.compile mode (None: "default", as measured)
+    channels_last: Optional[bool] = None
+    fuse_qkv: Optional[bool] = None
+    attention: str = "auto"                # auto | sdpa | xformers
+    sdpa_backend: Optional[str] = None     # auto (timed) | default | cudnn | flash | efficient
+    cudnn_benchmark: Optional[bool] = None
+
+    def resolve(self, device) -> "GeneratorConfig":
+        """A copy with every ``None`` / ``auto`` speed choice replaced by the measured default for ``device``."""
+        import torch
+        cuda = torch.device(device).type == "cuda"
+        compile_ = {None: "auto", False: "none", True: "unet"}.get(self.compile, self.compile)
+        if compile_ not in COMPILE_CHOICES:
+            raise ValueError(f"--sd-compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        if compile_ == "auto":
+            compile_ = "unet" if cuda else "none"
+        row = MEASURED_COMPILED if compile_ != "none" else MEASURED_EAGER
+        out = dataclasses.replace(self, compile=compile_)
+        for k, v in row.items():
+            if getattr(out, k) is None:
+                setattr(out, k, v)
+        if not cuda:   # CUDA-only layout and autotuning (the generator ignores them elsewhere): say so
+            out.channels_last = False if self.channels_last is None else self.channels_last
+            out.cudnn_benchmark = False
+        if out.compile_mode is None:
+            out.compile_mode = "default"
+        if out.model is None:
+            out.model = DEFAULT_MODEL
+        for name, v in (("steps", out.steps), ("batch size", out.batch_size)):
+            if int(v) < 1:
+                raise ValueError(f"the {name} of the generator must be >= 1, got {v}")
+        return out
+
+    def generator_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of ``StableDiffusionGenerator`` (of a resolved config)."""
+        return dict(steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, height=self.height,
+                    width=self.width, attention=self.attention, sdpa_backend=self.sdpa_backend,
+                    compile=False if self.compile == "none" else self.compile, compile_mode=self.compile_mode,
+                    channels_last=self.channels_last, fuse_qkv=self.fuse_qkv, cudnn_benchmark=self.cudnn_benchmark)
+
+    def summary(self) -> str:
+        """One line for the log: the speed choices that run."""
+        return (f"batch {self.batch_size} | compile {self.compile}"
+                f"{'' if self.compile == 'none' else f' ({self.compile_mode})'} | channels_last {self.channels_last}"
+                f" | fused QKV {self.fuse_qkv} | SDPA {self.sdpa_backend} | safety checker "
+                f"{'on' if self.safety_checker else 'off'}")
+
+
 class StableDiffusionGenerator:
     """Text-to-image with the modules of a diffusers Stable Diffusion pipeline, batched and fast.
 
@@ -518,11 +608,23 @@ class StableDiffusionGenerator:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, **load_kw)
         except Exception as e:
-            raise RuntimeError(f"could not load the Stable Diffusion pipeline {model!r}: {type(e).__name__}: {e}. "
+            from gift_fast.preflight import ModelUnavailable
+            raise ModelUnavailable(f"could not load the Stable Diffusion pipeline {model!r}: {type(e).__name__}: {e}. "
                                "A Hub id needs the model in the local Hugging Face cache or network access; "
                                "a folder must hold a diffusers pipeline (model_index.json, unet/, vae/, ...)") from e
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device=device, dtype=torch_dtype, safety_checker=safety_checker, model_name=model, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: "GeneratorConfig", *, device=None, local_files_only: Optional[bool] = None
+                    ) -> "StableDiffusionGenerator":
+        """The generator a ``GeneratorConfig`` describes (resolved for ``device`` first)."""
+        import torch
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        c = config.resolve(device)
+        return cls.from_pretrained(c.model, device=device, dtype=c.dtype, safety_checker=c.safety_checker,
+                                   local_files_only=local_files_only, **c.generator_kwargs())
 
     @classmethod
     def tiny(cls, *, device="cpu", dtype=None, seed: int = 0, safety_checker_module=None, **kwargs):
