@@ -109,7 +109,7 @@ def test_vit_b16_openai_and_sd15_offline_end_to_end(tmp_path):
     common = ["--model", "ViT-B-16", "--tasks", TASK, "--data-root", str(data), "--data-cache",
               str(tmp_path / "cache"), "--device", "cpu"]
     _cli(["train", *common, "--pretrained", "openai", "--synth", str(syn), "--images-per-task", "2",
-          "--steps", "1", "--warmup", "1", "--batch-size", "2", "--syn-batch-size", "2", "--num-workers", "0",
+          "--steps", "1", "--warmup", "1", "--batch-size", "2", "--distill-batch-size", "2", "--num-workers", "0",
           "--eval-batch-size", "64", "--threads", "2", "--no-plots", "--quiet", "--out", str(run)], env)
     lap("gift-fast train (1 step, 2 evaluations)")
     config = json.loads((run / "config.json").read_text())
