@@ -239,3 +239,32 @@ def test_a_cache_that_cannot_fit_on_the_disk_is_refused_before_writing(tmp_path,
     with pytest.raises(OSError, match=r"needs .* GB in .* only 0.0 GB are free.*--data-cache none"):
         make(tmp_path)
     assert not any(".tmp-" in f or f.endswith(".npy") for f in os.listdir(tmp_path))   # nothing written
+
+
+def _indices_of(ds, batches):
+    """The dataset index of every row of ``batches`` (each cached image is distinct)."""
+    ref = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1)
+    out = []
+    for xb, _ in batches:
+        hit = (xb.flatten(1)[:, None, :] == ref[None]).all(-1)
+        assert bool((hit.sum(1) == 1).all())
+        out.append(hit.int().argmax(1).tolist())
+    return out
+
+
+def test_iter_batches_reshuffles_every_epoch_and_repeats_with_the_seed(tmp_path):
+    ds = make(tmp_path)                                     # 23 images, batches of 5: 4 per epoch, 3 dropped
+    n, b, per_epoch = len(ds), 5, len(ds) // 5
+    runs = [_indices_of(ds, ds.iter_batches(b, shuffle=True, seed=s, epochs=3)) for s in (4, 4, 5)]
+    assert runs[0] == runs[1]                               # the same seed, the same sequence
+    assert runs[0] != runs[2]
+    epochs = [sum(runs[0][e * per_epoch:(e + 1) * per_epoch], []) for e in range(3)]
+    for e in epochs:                                        # each epoch: distinct images, a permutation's prefix
+        assert len(e) == per_epoch * b and len(set(e)) == len(e) and set(e) <= set(range(n))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    assert sorted(epochs[0]) != list(range(per_epoch * b))  # shuffled
+    # endless iteration (the trainer's use) gives the same first epochs
+    it = ds.iter_batches(b, shuffle=True, seed=4, epochs=None)
+    endless = _indices_of(ds, [next(it) for _ in range(3 * per_epoch)])
+    it.close()
+    assert endless == runs[0]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
 
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_grads, gather_rows  # noqa: E402
 from kill_hook import KILL_AT_STEP  # noqa: E402
@@ -153,6 +154,42 @@ def test_two_processes_take_the_step_one_process_takes_float64(tmp_path):
         for n, fa in a[mode]["fisher"].items():
             torch.testing.assert_close(torch.tensor(b[mode]["fisher"][n]), torch.tensor(fa), rtol=1e-8, atol=1e-10,
                                        msg=f"{mode}: Fisher {n}")
+    # one side against a computation by hand (a bug shared by both sides would pass the comparison)
+    # (AWC computes its penalty gradient in float32, also for float64 weights: 1e-6, not 1e-9)
+    want_w, want_ce = _hand_steps_without_distillation()
+    for n, w in want_w.items():
+        torch.testing.assert_close(torch.tensor(a["none"]["weights"][n], dtype=torch.float64), w, rtol=1e-6,
+                                   atol=1e-6, msg=f"none, by hand: {n}")
+    assert [la["loss_ce"] for la in a["none"]["losses"]] == pytest.approx(want_ce, rel=1e-10)
+
+
+def _hand_steps_without_distillation():
+    """STEP_DRIVER's mode "none" written out: two SGD steps (lr 0.05) on the label-smoothed (0.2) CE of
+    100 * cosine logits plus the uniform L2 pull 2 * (w - w0) (strength 1) towards the start."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(image_size=16, patch_size=8, width=32, layers=2,
+                                                        head_width=16),
+                 text_cfg=CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=2)).double()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 8, 3, 16, 16, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 8), generator=g)
+    class_tokens = torch.randint(1, 64, (3, 8), generator=g)
+    params = [(n, p) for n, p in model.named_parameters() if n != "logit_scale"]
+    start = {n: p.detach().clone() for n, p in params}
+    ces = []
+    for k in range(2):
+        img = F.normalize(model.encode_image(images[k]), dim=-1)
+        txt = F.normalize(model.encode_text(class_tokens), dim=-1)
+        ce = F.cross_entropy(100.0 * img @ txt.T, labels[k], label_smoothing=0.2)
+        ces.append(float(ce.detach()))
+        grads = torch.autograd.grad(ce, [p for _, p in params], allow_unused=True)
+        with torch.no_grad():
+            for (n, p), gr in zip(params, grads):
+                gr = torch.zeros_like(p) if gr is None else gr
+                p -= 0.05 * (gr + 2.0 * (p - start[n]))
+    return {n: p.detach().flatten() for n, p in params}, ces
 
 
 # ----------------------------------------------------------------------------------- the tiny preset
@@ -197,6 +234,7 @@ def test_tiny_preset_on_two_processes_matches_one(tmp_path):
             for n in ("loss_kd", "loss_ce", "loss_awc"):
                 assert y[n] == pytest.approx(x[n], rel=1e-4, abs=1e-6), (method, n, x["step"])
         assert json.loads((rb / "config.json").read_text())["processes"] == 2
+        _assert_lr_follows_the_schedule(la)
         ck = sorted((ra / "checkpoints").glob("*.safetensors"))[-1].name
         wa = _key_bias_free(read_state_dict(ra / "checkpoints" / ck))
         wb = _key_bias_free(read_state_dict(rb / "checkpoints" / ck))
@@ -246,6 +284,18 @@ def test_two_processes_killed_mid_task_and_resumed_match_one_uninterrupted(tmp_p
     for x, y in zip(la, lb):
         assert y["loss_kd"] == pytest.approx(x["loss_kd"], rel=1e-4) and \
             y["loss_ce"] == pytest.approx(x["loss_ce"], rel=1e-4), x["step"]
+    _assert_lr_follows_the_schedule(lb)
+
+
+def _assert_lr_follows_the_schedule(records, lr=1e-3, warmup=2, steps=10):
+    """The lr logged after step s of a task (_tiny_args: 10 steps, 2 of warm-up): the formula, 0 at the end."""
+    import math
+
+    assert [r["step"] for r in records] == [5, 10, 5, 10]
+    for r in records:
+        s = r["step"]
+        want = lr * ((s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+        assert r["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), r
 
 
 @pytest.mark.parametrize("kind", ["tensors", "dataset"])
@@ -282,6 +332,23 @@ def test_eval_command_on_two_processes_scores_as_one(tmp_path):
     res = torchrun(2, ["--module", "gift_fast.cli.main", *args(two)])
     assert res.stdout.count("mean") == 1                   # rank 0 prints
     assert json.loads(two.read_text()) == json.loads(one.read_text())
+    # one side against a zero-shot evaluation written out here (the preset's toy CLIP and test sets)
+    from gift_fast.data.toy import toy_tasks
+    from gift_fast.models import create_clip
+
+    bundle = create_clip("toy-vit", "toy")
+    model, tok = bundle.model.eval(), bundle.tokenizer
+    n_ = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    want = {}
+    with torch.no_grad():
+        for task in toy_tasks(["ToyShapes", "ToyDigits"], train_size=1000, test_size=300, seed=0):
+            emb = n_(model.encode_text(tok([t.format(c) for c in task.classnames for t in task.templates])))
+            W = n_(emb.view(len(task.classnames), len(task.templates), -1).mean(1))
+            x, y = task.test.tensors
+            pred = (n_(model.encode_image(x)) @ W.T).argmax(1)
+            want[task.name] = 100.0 * float((pred == y).double().mean())
+    got = json.loads(one.read_text())["accuracy"]
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-9) for k in want), (got, want)
 
 
 def test_synth_command_on_two_processes_writes_what_one_does(tmp_path):
@@ -295,3 +362,22 @@ def test_synth_command_on_two_processes_writes_what_one_does(tmp_path):
                            for p in root.rglob("*") if p.is_file() and p.suffix in (".jpeg", ".png", ".csv")}
     a = digest(one)
     assert len(a) > 3 and digest(two) == a
+    # one side against the documented rule: image i of task t was made from row i's prompt with
+    # image_seed(seed, t, i, attempt) (the provenance each image carries)
+    import csv
+
+    from gift_fast.synth.engine import read_image_meta
+    from gift_fast.synth.prompts import image_seed
+
+    folders = sorted(p.parent for p in one.rglob("image_text.csv"))
+    assert folders
+    for folder in folders:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        with open(folder / "image_text.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == manifest["images"] > 0
+        for i, r in enumerate(rows):
+            assert r["image"].startswith(f"{i}.")
+            meta = read_image_meta(folder / r["image"], decode=True)
+            assert meta["i"] == i and meta["prompt"] == r["text"], (folder.name, i)
+            assert meta["seed"] == image_seed(manifest["seed"], manifest["task_index"], i, meta["attempt"])

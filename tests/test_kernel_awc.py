@@ -305,11 +305,24 @@ def test_ddp_copies_reduced_grads_into_the_views(device, tmp_path):
         awc = AdaptiveWeightConsolidation(model.named_parameters(), backend="triton")
         ddp = DDP(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
         awc.set_anchor()
+        anchors = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():                       # weights away from the anchor: a non-zero penalty
+            for k, p in enumerate(model.parameters()):
+                p.add_(0.1 * torch.sin(torch.arange(p.numel(), device=device, dtype=p.dtype).view_as(p) + k))
         awc.zero_grad()
         ddp(torch.randn(4, 5, device=device)).sum().backward()
         views = [s.grad_view for s in awc._flat.segments.values()]
         assert all(p.grad is v for p, v in zip(model.parameters(), views))
-        assert float(awc.step()) == 0.0
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        penalty = awc.step()
+        want = 0.0
+        for p, a, g, v in zip(model.parameters(), anchors, grads, views):   # METHOD.md, strength 1
+            f = g.double() ** 2 / (g.double() ** 2).mean()
+            d = p.detach().double() - a.double()
+            want += float((f * d * d).sum())
+            assert p.grad is v
+            torch.testing.assert_close(p.grad.double(), g.double() + 2 * f * d, rtol=1e-5, atol=1e-6)
+        assert want > 1e-3 and float(penalty) == pytest.approx(want, rel=1e-5)
     finally:
         dist.destroy_process_group()
 

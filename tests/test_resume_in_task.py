@@ -3,6 +3,7 @@ same metrics and the same final weights as an uninterrupted run (tiny toy config
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -103,6 +104,17 @@ def test_killed_mid_task_and_resumed_matches_uninterrupted(tmp_path):
     for r, q in zip(recs, ref_recs):
         for name in ("loss_ce", "loss_kd", "loss_awc"):
             assert r[name] == pytest.approx(q[name], rel=1e-6, abs=1e-9), (name, r, q)
+    # against the schedule's formula, not only the other run: the lr after each logged step s of a task
+    # (1e-3, 2 warm-up steps, then a cosine over the other STEPS - 2), 0 after the last
+    for r in recs:
+        s = r["step"]
+        want = 1e-3 * ((s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / (STEPS - 2))))
+        assert r["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), r
+    assert [abs(r["lr"]) < 1e-15 for r in recs if r["step"] == STEPS] == [True, True]
+    # and the losses are the training's: the task loss falls over each task
+    for t in range(2):
+        ce = [r["loss_ce"] for r in recs if r["task_index"] == t]
+        assert ce[-1] < ce[0], ce
 
 
 def test_resume_refuses_an_in_task_checkpoint_past_the_task_length(tmp_path):

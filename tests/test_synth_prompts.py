@@ -185,9 +185,12 @@ def test_prompts_are_deterministic_prefix_stable_and_seed_dependent():
 
 def test_prompt_indices_are_pinned():
     # a change of the sampling rule changes every synthetic set: make it visible
-    assert prompt_indices(1000, 5, seed=42, task_index=0) == prompt_indices(1000, 5, seed=42, task_index=0)
-    ref = [_reference_index(1000, 42, 0, i) for i in range(5)]
-    assert prompt_indices(1000, 5, seed=42, task_index=0) == ref
+    # the values (pinned when the rule was written) and the independent re-implementation below
+    assert prompt_indices(1000, 5, seed=42, task_index=0) == [559, 987, 922, 98, 687]
+    assert prompt_indices(7, 8, seed=0, task_index=3) == [4, 1, 5, 5, 4, 0, 1, 5]
+    for pool, seed, task in ((1000, 42, 0), (7, 0, 3), (1100, 5, 9)):
+        assert prompt_indices(pool, 20, seed=seed, task_index=task) == [_reference_index(pool, seed, task, i)
+                                                                       for i in range(20)]
 
 
 def _reference_index(pool_size, seed, task, i):

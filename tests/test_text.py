@@ -43,12 +43,30 @@ def test_trimmed_prompts_give_the_same_embeddings_and_gradients(ends):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_one_position_too_few_changes_the_embedding():
-    """The cut is at the last pooled position + 1: one column less would pool another position."""
+def _every_position(model, tokens):
+    """The full-context text tower's output at every position [B, L, D] (open_clip's encode_text
+    without the pooling): with the causal mask, position p sees positions <= p only."""
+    x = model.token_embedding(tokens) + model.positional_embedding
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    return x @ model.text_projection
+
+
+def test_the_cut_is_one_past_the_last_end_token_and_one_less_pools_another_position():
     model = tiny_clip()
     tokens = prompts([3, 7, 5])
-    with pytest.raises(AssertionError):
-        torch.testing.assert_close(encode_text(model, tokens[:, :7]), model.encode_text(tokens))
+    short = trim_tokens(model, tokens)
+    assert torch.equal(short, tokens[:, :8])                       # last end token at 7: 8 columns
+    every = _every_position(model, tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), every[torch.arange(3), torch.tensor([3, 7, 5])],
+                                   rtol=1e-12, atol=1e-13)
+        # one column less: row 1 loses its end token and argmax pools its highest remaining id instead
+        cut = tokens[:, :7]
+        pooled = cut.argmax(dim=-1)
+        assert pooled.tolist()[0::2] == [3, 5] and int(pooled[1]) != 7
+        got = encode_text(model, cut)
+        torch.testing.assert_close(got, every[torch.arange(3), pooled], rtol=1e-12, atol=1e-13)
+        assert float((got[1] - every[1, 7]).abs().max()) > 1e-3 * float(every[1, 7].abs().max())
 
 
 def test_eos_pooling():
