@@ -9,7 +9,7 @@ configs (see ``clip_param_shapes``; checked against open_clip when it imports).
 
 The device-to-device copy bandwidth is measured in the same run; each result records
 the bytes it must move and that rate as a fraction of the copy bandwidth. Bytes per fp32
-parameter: 28 (PERFORMANCE.md's floor: read g twice, p, theta*, F; write F and g) when
+parameter: 28 (bench/RESULTS.md's floor: read g twice, p, theta*, F; write F and g) when
 F is a running estimate (decay > 0); 24 with decay = 0, the reference default, where the
 old F is not read. Times are triton.testing.do_bench medians (CUDA events, L2 flushed);
 the tensors (GBs) are far larger than L2 anyway.

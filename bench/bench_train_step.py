@@ -1,5 +1,5 @@
 """The GIFT training step on ViT-B/16 (random weights of the real architecture):
-64 task images + 64 synthetic pairs, 100 class prompts (PERFORMANCE.md).
+64 task images + 64 synthetic pairs, 100 class prompts (the configuration of bench/RESULTS.md's targets).
 
 Variants, all through gift_fast.step.GiftStep (the one step the trainer runs):
   reference_fp32  the authors' way: fp32 eager, the teacher re-encodes the synthetic

@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh [stage ...]      stages: setup kernels awc loss synth cache train e2e profile
 #
 # The GPU machine has torch/triton but no open_clip/diffusers: their wheels travel
-# in .whl/ (see ../shared/DEVICE.md). Each stage has its own time limit so that one
+# in .whl/ (pip wheels downloaded beforehand: `pip download -d .whl open_clip_torch diffusers ...`). Each stage has its own time limit so that one
 # slow stage cannot eat the whole lease; a failed stage is logged and the next runs.
 set -uo pipefail
 OUT=${OUT:-$(pwd)/bench/out}

@@ -41,7 +41,7 @@ def _seeds(value):
 # model
 @click.option("--model", default=None, help="open_clip architecture (default ViT-B-16) or a tiny one (toy-vit).")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag (default openai), a local checkpoint file, "
-              "or 'none'.")
+              "or 'none'. A file of OpenAI's weights: use --model ViT-B-16-quickgelu (QuickGELU).")
 # tasks
 @click.option("--order", type=int, default=None, help="MTIL order 1 or 2 (default 1).")
 @click.option("--tasks", default=None, help="Comma-separated task names instead of an order (MTIL or toy names).")
@@ -50,6 +50,9 @@ def _seeds(value):
 @click.option("--data-cache", default=None, help=f"Decoded-image cache (default {MTIL_DEFAULTS['data_cache']}; "
               "'none' to decode every time).")
 # method
+@click.option("--train-augment/--no-train-augment", default=None,
+              help="MTIL training images: the authors' RandomResizedCrop(scale=(0.9, 1.0)) (default on) or the "
+                   "evaluation transform.")
 @click.option("--method", default=None, help="gift | finetune | l2 | ewc-v, or several separated by commas "
               "(default gift; the tiny preset runs gift,finetune).")
 @click.option("--cd/--no-cd", default=None, help="Contrastive distillation on or off (overrides the method).")
@@ -408,5 +411,6 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
         click.echo(f"{n:<{width}}  {a:6.2f}")
     click.echo(f"{'mean':<{width}}  {sum(accs) / len(accs):6.2f}")
     if out:
-        atomic_write_text(out, json.dumps({"model": cfg.model, "pretrained": cfg.pretrained, "accuracy": rows},
+        atomic_write_text(out, json.dumps({"model": cfg.model, "pretrained": cfg.pretrained,
+                                           "activation": bundle.info.get("activation"), "accuracy": rows},
                                           indent=2) + "\n")

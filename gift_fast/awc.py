@@ -1,9 +1,10 @@
 """Adaptive weight consolidation (AWC): the Fisher-weighted L2 pull towards the anchor.
 
-METHOD.md, "Adaptive weight consolidation". Per trainable tensor p (excluded names
+docs/METHOD.md, "Adaptive weight consolidation". Per trainable tensor p (excluded names
 such as ``logit_scale`` and frozen tensors are left alone), after ``backward(L_kd)``:
 
-    F_new = g^2 / mean(g^2)           (1e-6 everywhere when g is None or all zero)
+    F_new = g^2 / mean(g^2)           (1e-6 everywhere when g is None or all zero; the authors'
+                                       code divides 0 by 0 there: NaN, docs/METHOD.md "Defects")
     F     = decay * F + (1 - decay) * F_new      (F starts as F_new)
     p.grad += 2 * strength * F * (p - theta*)     (in place; F is a constant)
     penalty = strength * sum_p sum F * (p - theta*)^2

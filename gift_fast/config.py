@@ -1,6 +1,6 @@
 """Shared configuration: the MTIL task orders and their per-task learning rates.
 
-METHOD.md, "Protocol": Order I and Order II of MTIL with 1,000 iterations per
+docs/METHOD.md, "The MTIL protocol": Order I and Order II of MTIL with 1,000 iterations per
 task; the learning rate is 5e-5 for Aircraft and MNIST and 1e-5 otherwise.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation (METHOD.md, "Protocol").
+"""Zero-shot evaluation (docs/METHOD.md, "The MTIL protocol").
 
 For each task: the class embedding is the normalized mean of the normalized
 embeddings of the class name in every template of the task; the logits of an
@@ -63,6 +63,9 @@ def iter_eval_batches(dataset, batch_size: int, device: torch.device, num_worker
             b = min(stop, a + batch_size)
             yield images[a:b].to(device), labels[a:b].to(device)
         return
+    if getattr(dataset, "layout", "center-crop") != "center-crop":
+        raise ValueError(f"cannot evaluate on a {dataset.layout!r} cache (randomly cropped training images): "
+                         f"evaluation needs the deterministic resize + center crop (layout 'center-crop')")
     if hasattr(dataset, "get_batch") and hasattr(dataset, "normalize"):   # CachedImageDataset
         for a in range(start, stop, batch_size):
             x, y = dataset.get_batch(range(a, min(stop, a + batch_size)))

@@ -1,6 +1,6 @@
 """GIFT's distillation losses: the plain PyTorch reference and the backend switch.
 
-The math (METHOD.md, "Synthetic batch" to "Image-text alignment"):
+The math (docs/METHOD.md, "Distillation on the synthetic batch"):
 
     I = n(img_s), T = n(txt_s), I' = n(img_t), T' = n(txt_t)       n(x) = x / ||x||
     S = s * I @ T^T   (student),  S' = s * I' @ T'^T   (teacher),   B x B
@@ -10,12 +10,22 @@ The math (METHOD.md, "Synthetic batch" to "Image-text alignment"):
     L_ita = CE(S, (1 - ls) A + ls / B) + CE(S^T, (1 - ls) A + ls / B)      (row means)
     loss  = cd_weight * L_cd + ita_weight * L_ita
 
-``mode`` picks the student matrix (Tab. 4a of the paper): ``"contrastive"`` uses
-``S = s I T^T``, ``"image_only"`` the student image against the teacher text
-(``s I T'^T``), ``"text_only"`` the teacher image against the student text
-(``s I' T^T``); ``"kl"`` is the contrastive loss written as a KL divergence (it
-differs from ``"contrastive"`` by the teacher's entropy, a constant, so the
-gradient is the same; the torch backend only).
+``mode`` picks the student matrix and the form of L_cd (Tab. 4a of the paper, as the
+authors' ``src/models/finetune_gift.py`` / ``src/models/helpers.py`` compute it):
+
+* ``"contrastive"``: ``S = s I T^T`` and L_cd above (soft-target cross-entropy,
+  teacher distribution as the target);
+* ``"image_only"``: the student image against the teacher text, ``S = s I T'^T``;
+* ``"text_only"``: the teacher image against the student text, ``S = s I' T^T``;
+* ``"kl"``: ``S = s I T^T`` and, per direction,
+  ``tau^2 * F.kl_div(log_softmax(S'/tau), softmax(S/tau), reduction="batchmean")``,
+  i.e. ``tau^2 * mean_i KL(q_i || p_i)`` with q = softmax(S_i/tau) the *student's*
+  distribution as the target and p = softmax(S'_i/tau) the teacher's: the reverse of
+  the usual KL(teacher || student), and not the same gradient as ``"contrastive"``
+  (the authors' ``kl_divergence(t, s)`` helper; the torch backend only).
+
+``feature_distill_loss`` is Tab. 4a's feature-distance variant; with it the step keeps
+the ITA term (docs/METHOD.md, "Tab. 4a variants").
 
 The teacher embeddings are constants (no gradient flows to them). The reference
 computes in float32 (float64 when the inputs are float64, which the tests use).
@@ -141,12 +151,19 @@ def _gift_distill_parts_torch(img_s, txt_s, img_t, txt_t, labels, logit_scale, t
     tau = temperature
     p_rows = F.softmax(S_t / tau, dim=1)
     p_cols = F.softmax(S_t.T / tau, dim=1)
-    cd_image = tau * tau * soft_cross_entropy(S / tau, p_rows)
-    cd_text = tau * tau * soft_cross_entropy(S.T / tau, p_cols)
     if mode == "kl":
-        # KL(p || q) = CE(q, p) - H(p): the same gradient, the value of the paper's KL form.
-        cd_image = cd_image + tau * tau * (p_rows * torch.log(p_rows.clamp_min(1e-45))).sum(1).mean()
-        cd_text = cd_text + tau * tau * (p_cols * torch.log(p_cols.clamp_min(1e-45))).sum(1).mean()
+        # the authors' kl_divergence(t, s): F.kl_div(log p_teacher, q_student, "batchmean") * tau^2,
+        # i.e. KL(student || teacher) with the student's distribution as the target (gradients flow
+        # through the target too)
+        cd_image = tau * tau * F.kl_div(F.log_softmax(S_t / tau, dim=1), F.softmax(S / tau, dim=1),
+                                        reduction="batchmean")
+        cd_text = tau * tau * F.kl_div(F.log_softmax(S_t.T / tau, dim=1), F.softmax(S.T / tau, dim=1),
+                                       reduction="batchmean")
+    else:
+        p_rows = F.softmax(S_t / tau, dim=1)
+        p_cols = F.softmax(S_t.T / tau, dim=1)
+        cd_image = tau * tau * soft_cross_entropy(S / tau, p_rows)
+        cd_text = tau * tau * soft_cross_entropy(S.T / tau, p_cols)
     A = alignment_targets(labels, label_smoothing, S.dtype)
     ita_image = soft_cross_entropy(S, A)
     ita_text = soft_cross_entropy(S.T, A.T)
@@ -211,18 +228,19 @@ def gift_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Ten
 
 def feature_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Tensor, txt_t: torch.Tensor,
                          *, weight: float = 1.0, return_parts: bool = False) -> LossOut:
-    """Feature-distance distillation (Tab. 4a, "feature distance").
+    """Feature-distance distillation (Tab. 4a, "feature distance"), as the authors compute it.
 
-    ``weight * (mean_i ||n(img_s_i) - n(img_t_i)||^2 + mean_i ||n(txt_s_i) - n(txt_t_i)||^2)``:
-    the squared distance between normalized student and teacher embeddings, summed over
-    features and averaged over the batch, image and text separately.
+    ``weight * (F.mse_loss(n(img_t), n(img_s)) + F.mse_loss(n(txt_t), n(txt_s)))``: the squared
+    difference of the normalized teacher and student embeddings, averaged over all B * D elements
+    (``F.mse_loss``'s default "mean"; the authors' ``--feature_mse``), image and text separately.
+    The teacher embeddings are constants. This replaces L_cd only: the ITA term stays on beside it
+    (``gift_fast.step.distillation_loss`` adds it), as in the authors' code.
     """
     _check_embeddings(img_s=img_s, txt_s=txt_s, img_t=img_t, txt_t=txt_t)
     cdt = compute_dtype(img_s)
 
     def dist(s, t):
-        d = F.normalize(s.to(cdt), dim=-1) - F.normalize(t.detach().to(cdt), dim=-1)
-        return d.square().sum(dim=-1).mean()
+        return F.mse_loss(F.normalize(s.to(cdt), dim=-1), F.normalize(t.detach().to(cdt), dim=-1))
 
     parts_vec = torch.stack([weight * dist(img_s, img_t), weight * dist(txt_s, txt_t)]).to(_output_dtype(img_s))
     total = parts_vec.sum()

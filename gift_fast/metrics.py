@@ -1,4 +1,4 @@
-"""Continual-learning metrics of the MTIL protocol (METHOD.md, "Protocol").
+"""Continual-learning metrics of the MTIL protocol (docs/METHOD.md, "Metrics").
 
 ``acc[i, j]`` is the accuracy on task j after learning task i (T x T):
 

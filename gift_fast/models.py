@@ -11,7 +11,18 @@
   the toy world (trained on first use, then cached; see ``gift_fast.data.toy``).
 
 The model is kept in float32 (master weights); bf16 runs use autocast.
-``logit_scale`` is frozen (METHOD.md: ``s`` stays at its pre-trained value).
+``logit_scale`` is frozen (docs/METHOD.md: ``s`` stays at its pre-trained value).
+
+Architecture options (``architecture_options``): what a state dict alone does not say
+but the function depends on; today the activation of the transformer MLPs. OpenAI's
+CLIP weights were trained with QuickGELU (``x * sigmoid(1.702 x)``); open_clip's plain
+architecture names (``ViT-B-16``) build nn.GELU, its ``-quickgelu`` names
+(``ViT-B-16-quickgelu``) and the ``openai`` tag build QuickGELU. ``save_model`` records
+the options in the checkpoint's metadata and ``create_clip`` rebuilds a checkpoint with
+them, so a run started from ``--pretrained openai`` reloads to the same function. A
+local file of OpenAI weights (no metadata) loads with QuickGELU through the
+``-quickgelu`` name (``create_clip("ViT-B-16-quickgelu", "/path/open_clip_model.safetensors")``)
+or ``quick_gelu=True``.
 """
 from __future__ import annotations
 
@@ -71,8 +82,9 @@ def tiny_tokenizer(model_name: str):
     return ToyTokenizer(context_length=TINY_MODEL_CONFIGS[model_name]["text_cfg"]["context_length"])
 
 
-def build_tiny_clip(model_name: str = "toy-vit") -> torch.nn.Module:
-    """A randomly initialised tiny CLIP (uses torch's global RNG: seed it for reproducibility)."""
+def build_tiny_clip(model_name: str = "toy-vit", quick_gelu: bool = False) -> torch.nn.Module:
+    """A randomly initialised tiny CLIP (uses torch's global RNG: seed it for reproducibility);
+    ``quick_gelu``: QuickGELU instead of nn.GELU in the transformer MLPs."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     if model_name not in TINY_MODEL_CONFIGS:
@@ -81,7 +93,62 @@ def build_tiny_clip(model_name: str = "toy-vit") -> torch.nn.Module:
     text_cfg = dict(cfg["text_cfg"])
     text_cfg["vocab_size"] = tiny_tokenizer(model_name).vocab_size
     return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
-                text_cfg=CLIPTextCfg(**text_cfg))
+                text_cfg=CLIPTextCfg(**text_cfg), quick_gelu=bool(quick_gelu))
+
+
+# --------------------------------------------------------------------------- architecture options
+ARCHITECTURE_KEY = "architecture"     # the safetensors metadata entry save_model writes
+
+
+def activation_name(quick_gelu: bool) -> str:
+    return "quick_gelu" if quick_gelu else "gelu"
+
+
+def architecture_options(model: torch.nn.Module) -> Dict[str, Any]:
+    """What a checkpoint of ``model`` must record to be rebuilt as the same function:
+    ``{"quick_gelu": bool}`` (QuickGELU or nn.GELU in the transformer MLPs), read from the
+    modules themselves. A model with neither activation (e.g. a timm tower) gives ``{}``."""
+    from open_clip.transformer import QuickGELU
+
+    kinds = {type(m) for m in model.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+    if not kinds:
+        return {}
+    if len(kinds) > 1:
+        raise ValueError(f"the model mixes activations {sorted(k.__name__ for k in kinds)}: its checkpoint "
+                         f"cannot record one quick_gelu option")
+    return {"quick_gelu": kinds == {QuickGELU}}
+
+
+def checkpoint_architecture(path: str | Path) -> Optional[Dict[str, Any]]:
+    """The architecture options a safetensors checkpoint recorded (``save_model``), or None when it
+    recorded none (not a safetensors file, another tool's file, or a checkpoint older than the record)."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    meta = checkpoint_metadata(path)
+    arch = meta.get(ARCHITECTURE_KEY)
+    return dict(arch) if isinstance(arch, dict) else None
+
+
+def _resolve_quick_gelu(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool],
+                        recorded: Optional[Dict[str, Any]]) -> Tuple[bool, str]:
+    """(quick_gelu, why): an explicit ``quick_gelu`` wins, then the checkpoint's record, then the
+    ``openai`` tag / a ``-quickgelu`` architecture name; otherwise nn.GELU (open_clip's default)."""
+    named = model_name.lower().endswith("-quickgelu")
+    if quick_gelu is not None:
+        if named and not quick_gelu:
+            raise ValueError(f"quick_gelu=False contradicts the model name {model_name!r} (a QuickGELU "
+                             f"architecture): use the name without '-quickgelu'")
+        return bool(quick_gelu), "asked for"
+    if recorded is not None and "quick_gelu" in recorded:
+        if named and not recorded["quick_gelu"]:
+            raise ValueError(f"checkpoint {pretrained!r} records nn.GELU, but {model_name!r} is a QuickGELU "
+                             f"architecture: use the name without '-quickgelu'")
+        return bool(recorded["quick_gelu"]), "recorded in the checkpoint"
+    if pretrained == "openai":
+        return True, "OpenAI's weights were trained with it"
+    if named:
+        return True, "the architecture name"
+    return False, "open_clip's default"
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -91,7 +158,7 @@ def _looks_like_path(pretrained: str) -> bool:
 
 def create_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "openai", *,
                 device: str | torch.device = "cpu", cache_dir: Optional[str] = None,
-                freeze_logit_scale: bool = True) -> ClipBundle:
+                freeze_logit_scale: bool = True, quick_gelu: Optional[bool] = None) -> ClipBundle:
     """Build a CLIP: an open_clip architecture (tag or local file) or a tiny one.
 
     Args:
@@ -104,6 +171,10 @@ def create_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "opena
         device: where the model goes (float32 weights).
         cache_dir: open_clip's download cache.
         freeze_logit_scale: ``logit_scale.requires_grad = False`` (the paper's setting).
+        quick_gelu: the MLP activation; None (default) takes it from the checkpoint's record
+            (``save_model``), else QuickGELU for the ``openai`` tag and ``-quickgelu`` names, else
+            nn.GELU. A local file of OpenAI weights records nothing: pass True (or use the
+            ``-quickgelu`` model name). ``bundle.info["activation"]`` says which one was built.
     """
     device = torch.device(device)
     info: Dict[str, Any] = {}
@@ -113,19 +184,22 @@ def create_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "opena
             from gift_fast.data.toy import pretrained_toy_clip_path
 
             path = pretrained_toy_clip_path(model_name)
-            model = build_tiny_clip(model_name)
+            qg, _ = _resolve_quick_gelu(model_name, str(path), quick_gelu, checkpoint_architecture(path))
+            model = build_tiny_clip(model_name, qg)
             load_weights(model, path)
             info["checkpoint"] = str(path)
         elif pretrained is None or pretrained in ("", "none", "random"):
-            model = build_tiny_clip(model_name)
+            model = build_tiny_clip(model_name, bool(quick_gelu))
         else:
             _check_file(pretrained, model_name)
-            model = build_tiny_clip(model_name)
+            qg, _ = _resolve_quick_gelu(model_name, pretrained, quick_gelu, checkpoint_architecture(pretrained))
+            model = build_tiny_clip(model_name, qg)
             load_weights(model, pretrained)
         bundle = ClipBundle(model, tiny_tokenizer(model_name), cfg["vision_cfg"]["image_size"],
                             tuple(cfg["image_mean"]), tuple(cfg["image_std"]), model_name, pretrained, info)
     else:
-        bundle = _create_open_clip(model_name, pretrained, cache_dir)
+        bundle = _create_open_clip(model_name, pretrained, cache_dir, quick_gelu)
+    bundle.info["activation"] = activation_name(architecture_options(bundle.model).get("quick_gelu", False))
     bundle.model.to(device)
     if freeze_logit_scale:
         bundle.model.logit_scale.requires_grad_(False)
@@ -139,7 +213,8 @@ def _check_file(pretrained: str, model_name: str) -> None:
             f"(a .safetensors state dict or an open_clip checkpoint) or a pretrained tag")
 
 
-def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Optional[str]) -> ClipBundle:
+def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Optional[str],
+                      quick_gelu: Optional[bool] = None) -> ClipBundle:
     import open_clip
 
     known = open_clip.list_models()
@@ -149,13 +224,24 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
                          f"({', '.join(TINY_MODEL_CONFIGS)}). Similar open_clip models: {close}")
     own_safetensors = None
     kwargs: Dict[str, Any] = {}
+    recorded = None
     if pretrained and _looks_like_path(pretrained):
         _check_file(pretrained, model_name)
+        recorded = checkpoint_architecture(pretrained)
         if pretrained.endswith(".safetensors"):
             # Our own checkpoints (and other plain state dicts): build, then load with shape checks.
             own_safetensors, pretrained = pretrained, None
-    if pretrained == "openai":
-        kwargs["force_quick_gelu"] = True   # OpenAI's weights were trained with QuickGELU
+        if recorded is None and quick_gelu is None and not model_name.lower().endswith("-quickgelu"):
+            import warnings
+
+            fix = (f"use --model {model_name}-quickgelu" if f"{model_name}-quickgelu" in known
+                   else "pass quick_gelu=True to gift_fast.models.create_clip")
+            warnings.warn(f"{own_safetensors or pretrained} does not record its activation: building {model_name!r} "
+                          f"with nn.GELU. If these weights come from OpenAI's CLIP (or a run started from "
+                          f"--pretrained openai before checkpoints recorded it), {fix}", UserWarning, stacklevel=3)
+    qg, _ = _resolve_quick_gelu(model_name, own_safetensors or pretrained, quick_gelu, recorded)
+    if qg:
+        kwargs["force_quick_gelu"] = True   # e.g. OpenAI's weights, trained with QuickGELU
     try:
         model, _, preprocess_val = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained or None, cache_dir=cache_dir, **kwargs)
@@ -244,8 +330,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def save_model(model: torch.nn.Module, path: str | Path, metadata: Optional[Dict[str, Any]] = None) -> Path:
-    """The model state as safetensors (atomic); ``metadata`` is stored as JSON strings."""
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    """The model state as safetensors (atomic); ``metadata`` is stored as JSON strings, with the
+    model's ``architecture_options`` under ``"architecture"`` (what ``create_clip`` rebuilds it with)."""
+    metadata = dict(metadata or {})
+    metadata.setdefault(ARCHITECTURE_KEY, architecture_options(model))
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
     return atomic_save_safetensors(state_dict_fp32(model), path, metadata=meta)
 
 
@@ -257,25 +346,24 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
            "checkpoint (a run's checkpoints/*.safetensors)")
     if os.path.getsize(path) == 0:
         raise ValueError(f"checkpoint {path} is an empty file: {fix}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    # open_clip's reader: safetensors or torch.load(weights_only=True), unwraps {"state_dict": ...}
+    # and strips DataParallel's "module." (tests/test_models.py checks these rules on real files)
+    from open_clip.factory import load_state_dict as open_clip_load_state_dict
 
-        try:
-            return load_file(path)
-        except Exception as e:           # SafetensorError (header), or a short read of the data
-            raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e}): {fix}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        state = open_clip_load_state_dict(path, device="cpu", weights_only=True)
+    except StopIteration:        # an empty state dict (open_clip looks at its first key)
+        return {}
+    except AttributeError as e:  # not a mapping (a tensor, a list...)
+        raise ValueError(f"{path!r} does not hold a state dict ({e})") from None
+    except Exception as e:       # a damaged file (SafetensorError, a short read, a pickle torch refuses)
         # (torch's own message for a pickle it refuses suggests weights_only=False: never do that for a file
         # of unknown origin, so it is not repeated here)
-        kind = type(e).__name__
-        raise ValueError(f"checkpoint {path} cannot be read as a PyTorch state dict ({kind}): {fix}") from None
-    if isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(obj).__name__})")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+        what = "safetensors file" if path.endswith(".safetensors") else "PyTorch state dict"
+        raise ValueError(f"checkpoint {path} cannot be read as a {what} ({type(e).__name__}): {fix}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")
+    return dict(state)
 
 
 def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -319,4 +407,5 @@ def checkpoint_metadata(path: str | Path) -> Dict[str, Any]:
 
 __all__ = ["ClipBundle", "create_clip", "build_tiny_clip", "TINY_MODEL_CONFIGS", "is_tiny", "save_model",
            "load_weights", "read_state_dict", "check_state_dict", "atomic_save_safetensors", "atomic_write_text",
-           "checkpoint_metadata", "state_dict_fp32", "write_error"]
+           "checkpoint_metadata", "state_dict_fp32", "architecture_options", "checkpoint_architecture",
+           "activation_name", "write_error"]

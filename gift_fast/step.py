@@ -1,4 +1,4 @@
-"""One GIFT training step (METHOD.md), as a reusable, benchmarkable unit.
+"""One GIFT training step (docs/METHOD.md, "One training step"), as a reusable, benchmarkable unit.
 
     1. L_kd on the synthetic batch (student embeddings against the teacher's, which
        were computed once per task); backward of L_kd alone;
@@ -35,7 +35,7 @@ DISTILL_MODES = ("contrastive", "image_only", "text_only", "kl", "feature", "non
 
 @dataclass
 class StepConfig:
-    """What one step computes. Defaults are the paper's (METHOD.md)."""
+    """What one step computes. Defaults are the paper's (docs/METHOD.md)."""
     logit_scale: float = 100.0        # s = exp(logit_scale), frozen
     label_smoothing: float = 0.2      # CE on the task batch and ITA
     temperature: float = 2.0          # tau of CD
@@ -70,7 +70,14 @@ def distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, te
     img_s = gather_rows(model.encode_image(syn_images), dist)
     txt_s = gather_rows(encode_text(model, syn_tokens), dist)
     if cfg.distill == "feature":
-        return feature_distill_loss(img_s, txt_s, teacher_img, teacher_txt, weight=cfg.cd_weight)
+        # Tab. 4a's feature distance replaces L_cd; ITA stays on beside it (the authors' --feature_mse)
+        loss = feature_distill_loss(img_s, txt_s, teacher_img, teacher_txt, weight=cfg.cd_weight)
+        if cfg.ita_weight:
+            loss = loss + gift_distill_loss(img_s, txt_s, teacher_img, teacher_txt, syn_labels,
+                                            logit_scale=cfg.logit_scale, temperature=cfg.temperature,
+                                            label_smoothing=cfg.label_smoothing, cd_weight=0.0,
+                                            ita_weight=cfg.ita_weight, mode="contrastive", backend=cfg.kernels)
+        return loss
     return gift_distill_loss(img_s, txt_s, teacher_img, teacher_txt, syn_labels, logit_scale=cfg.logit_scale,
                              temperature=cfg.temperature, label_smoothing=cfg.label_smoothing,
                              cd_weight=cfg.cd_weight, ita_weight=cfg.ita_weight, mode=cfg.distill,

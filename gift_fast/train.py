@@ -144,10 +144,6 @@ def resolve_method(method: str = "gift", *, cd: Optional[bool] = None, ita: Opti
         cons = consolidation
     use_cd = d_cd if cd is None else bool(cd)
     use_ita = d_ita if ita is None else bool(ita)
-    if distill == "feature":
-        if ita:
-            raise ValueError("--distill feature is the feature-distance loss alone (no ITA term): drop --ita")
-        use_ita = False
     if cons == "adaptive" and not (use_cd or use_ita):
         raise ValueError("adaptive weight consolidation takes its Fisher from the distillation gradients, but CD and "
                          "ITA are both off: enable --cd or --ita, or use --consolidation uniform (the L2 baseline)")
@@ -170,6 +166,7 @@ class TrainConfig:
     tasks: Optional[List[str]] = None
     data_root: Optional[str] = None
     data_cache: Optional[str] = None
+    train_augment: bool = True         # MTIL task images: the authors' RandomResizedCrop(scale=(0.9, 1)) in training
     toy: bool = False
     toy_train_size: int = 1000
     toy_test_size: int = 300
@@ -207,7 +204,7 @@ class TrainConfig:
     sd_safety_checker: bool = True
     synth_seed: Optional[int] = None   # default: seed
     keep_synth: bool = False
-    # optimisation (METHOD.md, "Protocol")
+    # optimisation (docs/METHOD.md, "The MTIL protocol")
     steps: int = 1000
     batch_size: int = 64
     syn_batch_size: int = 64
@@ -283,6 +280,22 @@ STREAM_TASK, STREAM_SYN, STREAM_FISHER = 1, 2, 3
 
 
 # =============================================================================== batches
+class _SeededItems(torch.utils.data.Dataset):
+    """``dataset[i]`` under torch's RNG seeded by (seed, i): a random transform (the training crops) draws the
+    same for an item of an epoch whatever the worker or the process, so a resumed run sees the same batches."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_derived_seed(self.seed, i))
+            return self.dataset[i]
+
+
 class TaskBatches:
     """An endless, seeded stream of ``(images, labels)`` training batches of one task on ``device``.
 
@@ -337,7 +350,8 @@ class TaskBatches:
             while True:
                 g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch))
                 loader = torch.utils.data.DataLoader(
-                    self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
+                    _SeededItems(self.dataset, _derived_seed(self.seed, epoch, 1)), batch_size=self.batch_size,
+                    shuffle=True, drop_last=True, generator=g,
                     num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                     persistent_workers=False)
                 for x, y in loader:     # (several processes: each decodes the global batch and keeps its rows)
@@ -848,7 +862,10 @@ class ContinualTrainer:
                                                         "source": dset.source}}
 
     def _static_fisher(self, step, syn, t: int) -> None:
-        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd."""
+        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd.
+
+        The gradients are cleared before each batch and after the last (the authors' static-Fisher loop stops
+        clearing them once its estimate ends, so later steps add up old gradients: docs/METHOD.md, "Defects")."""
         from gift_fast.evaluate import autocast
         from gift_fast.step import distillation_loss
 
@@ -1102,10 +1119,13 @@ class ContinualTrainer:
                 "label": cfg.label or self.method.label(), "tasks": self.task_names,
                 "task_lrs": [cfg.lr if cfg.lr is not None else t.lr for t in self.tasks],
                 "model": {"name": self.bundle.model_name, "pretrained": self.bundle.pretrained,
-                          "logit_scale": self.logit_scale, "image_size": self.bundle.image_size},
+                          "logit_scale": self.logit_scale, "image_size": self.bundle.image_size,
+                          "activation": self.bundle.info.get("activation")},
                 "device": str(self.device), "processes": self.dist.world_size, "versions": _versions()}
             if main:
                 write_json(self.out / "config.json", config)
+            self._note(f"model {self.bundle.model_name} ({self.bundle.pretrained}), activation "
+                       f"{self.bundle.info.get('activation')}, {len(self.tasks)} tasks, method {config['label']}")
             zero_shot = self.evaluate_all()
             self.hooks.on_eval(-1, zero_shot)
             state = {"tasks": self.task_names, "identity": identity_of(cfg), "zero_shot": zero_shot, "acc": [],
@@ -1213,7 +1233,8 @@ def build_task_list(cfg: TrainConfig, bundle, split_record_dir: Optional[str] = 
     from gift_fast.data.mtil import build_tasks
 
     return build_tasks(names, cfg.data_root, image_size=bundle.image_size, mean=bundle.mean, std=bundle.std,
-                       cache_dir=cfg.data_cache, progress=cfg.progress, split_record_dir=split_record_dir)
+                       cache_dir=cfg.data_cache, progress=cfg.progress, train_augment=cfg.train_augment,
+                       split_record_dir=split_record_dir)
 
 
 def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:

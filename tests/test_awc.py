@@ -1,4 +1,4 @@
-"""The reference AWC against a direct per-tensor evaluation of METHOD.md."""
+"""The reference AWC against a direct per-tensor evaluation of docs/METHOD.md's formulas."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The reference losses against an independent float64 evaluation of METHOD.md."""
+"""The reference losses against an independent float64 evaluation of docs/METHOD.md's formulas."""
 import math
 
 import numpy as np
@@ -9,7 +9,7 @@ from gift_fast.losses import feature_distill_loss, gift_distill_loss
 
 
 def _independent(img_s, txt_s, img_t, txt_t, labels, s, tau, ls, mode):
-    """METHOD.md's formulas, written out row by row in float64 (no shared helpers)."""
+    """docs/METHOD.md's formulas, written out row by row in float64 (no shared helpers)."""
     def n(x):
         return x / torch.sqrt((x * x).sum(1, keepdim=True))
 
@@ -35,15 +35,21 @@ def _independent(img_s, txt_s, img_t, txt_t, labels, s, tau, ls, mode):
         e = torch.exp(Z - Z.max(1, keepdim=True).values)
         return e / e.sum(1, keepdim=True)
 
-    cd_i = tau ** 2 * ce_rows(S / tau, softmax_rows(St / tau))
-    cd_t = tau ** 2 * ce_rows(S.T / tau, softmax_rows(St.T / tau))
     if mode == "kl":
-        for P, k in ((softmax_rows(St / tau), 0), (softmax_rows(St.T / tau), 1)):
-            ent = -(P * torch.log(P)).sum(1).mean()
-            if k == 0:
-                cd_i = cd_i - tau ** 2 * ent
-            else:
-                cd_t = cd_t - tau ** 2 * ent
+        # the authors' kl_divergence(t, s): sum_k q_k (log q_k - log p_k), averaged over rows,
+        # q = softmax(S/tau) the student's distribution (the target), p = softmax(S'/tau) the teacher's
+        def kl_rows(Z, Zt):
+            total = 0.0
+            for i in range(B):
+                q = torch.exp(Z[i] - Z[i].max()) / torch.exp(Z[i] - Z[i].max()).sum()
+                p = torch.exp(Zt[i] - Zt[i].max()) / torch.exp(Zt[i] - Zt[i].max()).sum()
+                total = total + (q * (torch.log(q) - torch.log(p))).sum()
+            return total / B
+        cd_i = tau ** 2 * kl_rows(S / tau, St / tau)
+        cd_t = tau ** 2 * kl_rows(S.T / tau, St.T / tau)
+    else:
+        cd_i = tau ** 2 * ce_rows(S / tau, softmax_rows(St / tau))
+        cd_t = tau ** 2 * ce_rows(S.T / tau, softmax_rows(St.T / tau))
     A = torch.zeros(B, B, dtype=torch.float64)
     for i in range(B):
         for j in range(B):
@@ -170,14 +176,45 @@ def test_weights_scale_parts():
 
 
 def test_feature_distill_loss_float64():
+    """The authors' F.mse_loss of normalized embeddings: a mean over all B * D elements."""
     (img_s, txt_s, img_t, txt_t), _ = _inputs(6, 5)
-    total, parts = feature_distill_loss(img_s, txt_s, img_t, txt_t, weight=2.0, return_parts=True)
-    def n(x):
-        return x / x.norm(dim=1, keepdim=True)
-    want_i = 2.0 * ((n(img_s) - n(img_t)) ** 2).sum(1).mean()
-    want_t = 2.0 * ((n(txt_s) - n(txt_t)) ** 2).sum(1).mean()
-    torch.testing.assert_close(parts["feat_image"], want_i)
-    torch.testing.assert_close(total, want_i + want_t)
+    leaves = [x.clone().requires_grad_(True) for x in (img_s, txt_s)]
+    total, parts = feature_distill_loss(leaves[0], leaves[1], img_t, txt_t, weight=2.0, return_parts=True)
+    total.backward()
+
+    def mse_of_normalized(s, t):
+        B, D = s.shape
+        acc = 0.0
+        for i in range(B):
+            ns, nt = s[i] / math.sqrt(float((s[i] ** 2).sum())), t[i] / math.sqrt(float((t[i] ** 2).sum()))
+            acc += float(((ns - nt) ** 2).sum())
+        return acc / (B * D)
+
+    want_i, want_t = 2.0 * mse_of_normalized(img_s, img_t), 2.0 * mse_of_normalized(txt_s, txt_t)
+    assert total.dtype == torch.float64
+    assert float(parts["feat_image"]) == pytest.approx(want_i, rel=1e-12)
+    assert float(parts["feat_text"]) == pytest.approx(want_t, rel=1e-12)
+    assert float(total) == pytest.approx(want_i + want_t, rel=1e-12)
+    # gradient: d/ds of weight * mean((n(s) - n(t))^2), through the normalization
+    a = img_s.clone().requires_grad_(True)
+    (2.0 * ((a / a.norm(dim=1, keepdim=True) - img_t / img_t.norm(dim=1, keepdim=True)) ** 2).sum()
+     / a.numel()).backward()
+    torch.testing.assert_close(leaves[0].grad, a.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_kl_is_student_as_target_not_the_contrastive_gradient():
+    """mode='kl' is KL(student || teacher) (the authors' direction): its gradient differs from CE's."""
+    (img_s, txt_s, img_t, txt_t), labels = _inputs(7, 5, seed=3)
+    grads = {}
+    for mode in ("kl", "contrastive"):
+        a = img_s.clone().requires_grad_(True)
+        gift_distill_loss(a, txt_s, img_t, txt_t, labels, ita_weight=0.0, mode=mode).backward()
+        grads[mode] = a.grad
+    assert not torch.allclose(grads["kl"], grads["contrastive"], rtol=1e-3, atol=1e-6)
+    # swapping the roles of student and teacher does not give the same value (the direction matters)
+    kl = gift_distill_loss(img_s, txt_s, img_t, txt_t, labels, ita_weight=0.0, mode="kl")
+    kl_swapped = gift_distill_loss(img_t, txt_t, img_s, txt_s, labels, ita_weight=0.0, mode="kl")
+    assert abs(float(kl) - float(kl_swapped)) > 1e-6
 
 
 @pytest.mark.parametrize("bad,match", [

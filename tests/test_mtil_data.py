@@ -177,7 +177,7 @@ def test_check_task_data_sees_every_fake_layout(fake_root, relaxed):
 @pytest.mark.parametrize("task", MTIL_TASKS)
 def test_build_task_uncached(fake_root, relaxed, task):
     root, sizes = fake_root
-    spec = mtil.build_task(task, root, image_size=SIZE)
+    spec = mtil.build_task(task, root, image_size=SIZE, train_augment=False)   # deterministic (tests/test_augment.py)
     assert spec.name == task and spec.classnames == mtil.classnames(task)
     assert spec.templates == mtil.templates(task)
     assert spec.lr == (5e-5 if task in ("Aircraft", "MNIST") else 1e-5)
@@ -198,8 +198,9 @@ def test_build_task_uncached(fake_root, relaxed, task):
 @pytest.mark.parametrize("task", MTIL_TASKS)
 def test_build_task_cached_is_bit_identical(fake_root, relaxed, task, tmp_path):
     root, sizes = fake_root
-    plain = mtil.build_task(task, root, image_size=SIZE)
-    cached = mtil.build_task(task, root, image_size=SIZE, cache_dir=str(tmp_path), num_workers=0, progress=False)
+    plain = mtil.build_task(task, root, image_size=SIZE, train_augment=False)
+    cached = mtil.build_task(task, root, image_size=SIZE, cache_dir=str(tmp_path), num_workers=0, progress=False,
+                             train_augment=False)
     assert cached.train.built and cached.test.built and cached.meta["cached"]
     assert isinstance(cached.test, CachedImageDataset)
     for part in ("train", "test"):
@@ -209,7 +210,8 @@ def test_build_task_cached_is_bit_identical(fake_root, relaxed, task, tmp_path):
             xa, ya = a[i]
             xb, yb = b[i]
             assert ya == yb and torch.equal(xa, xb), (task, part, i)
-    again = mtil.build_task(task, root, image_size=SIZE, cache_dir=str(tmp_path), num_workers=0, progress=False)
+    again = mtil.build_task(task, root, image_size=SIZE, cache_dir=str(tmp_path), num_workers=0, progress=False,
+                            train_augment=False)
     assert not again.train.built and not again.test.built          # a hit: nothing decoded
 
 

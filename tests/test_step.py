@@ -32,7 +32,7 @@ def teacher_embeddings(teacher, b):
 
 
 def hand_step(model, teacher_img, teacher_txt, anchor, b, lr):
-    """METHOD.md's step written out: L_kd grads -> Fisher -> penalty grad; + CE grads; AdamW."""
+    """docs/METHOD.md's step written out: L_kd grads -> Fisher -> penalty grad; + CE grads; AdamW."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
     I, T = n(model.encode_image(b["syn_images"])), n(model.encode_text(b["syn_tokens"]))
@@ -155,3 +155,28 @@ def test_compile_blocks_counts_and_keeps_keys():
 def test_bad_distill_mode():
     with pytest.raises(ValueError, match="distill must be one of"):
         StepConfig(distill="both")
+
+
+@pytest.mark.parametrize("ita_weight", [0.25, 0.0])
+def test_feature_distillation_keeps_ita(ita_weight):
+    """--distill feature: weight * (F.mse_loss(n(I'), n(I)) + F.mse_loss(n(T'), n(T))) plus ITA, as the authors'
+    --feature_mse run computes it (float64, written out without the project's loss code)."""
+    from gift_fast.step import distillation_loss
+
+    model = tiny_clip()
+    b = batch()
+    t_img, t_txt = (x + 0.1 for x in teacher_embeddings(model, b))
+    cfg = StepConfig(distill="feature", cd_weight=1.5, ita_weight=ita_weight, kernels="torch")
+    got = distillation_loss(model, b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt, cfg)
+    n = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+    with torch.no_grad():
+        I, T = n(model.encode_image(b["syn_images"])), n(model.encode_text(b["syn_tokens"]))
+    It, Tt = n(t_img), n(t_txt)
+    feat = 1.5 * (((It - I) ** 2).sum() / I.numel() + ((Tt - T) ** 2).sum() / T.numel())
+    S = 100 * I @ T.T
+    k = b["syn_labels"]
+    A = (k[:, None] == k[None, :]).double()
+    A = 0.8 * A / A.sum(1, keepdim=True) + 0.2 / len(k)
+    soft = lambda z, p: -(p * torch.log_softmax(z, 1)).sum(1).mean()  # noqa: E731
+    want = feat + ita_weight * (soft(S, A) + soft(S.T, A))
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)

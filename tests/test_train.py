@@ -37,7 +37,7 @@ def _soft_ce(z, p):
 
 
 def _hand_steps(model, teacher, task, syn, cfg, steps):
-    """METHOD.md's GIFT steps written out (no project code in the math): KD grads -> Fisher -> penalty; + CE; AdamW."""
+    """docs/METHOD.md's GIFT steps written out (no project code in the math): KD grads -> Fisher -> penalty; + CE; AdamW."""
     s = float(model.logit_scale.exp())
     tau, ls = cfg.temperature, cfg.label_smoothing
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -246,7 +246,7 @@ def _computes(trainer):
     (dict(distill="image-only"), {"distill": "image_only"}),
     (dict(distill="text-only"), {"distill": "text_only"}),
     (dict(distill="kl"), {"distill": "kl"}),
-    (dict(distill="feature"), {"distill": "feature", "ita_weight": 0.0}),
+    (dict(distill="feature"), {"distill": "feature"}),      # ITA stays on (the authors' code)
     (dict(teacher="initial"), {"teacher": "initial"}),
     (dict(teacher="wise:0.2"), {"teacher": "wise:0.2"}),
     (dict(ita_weight=1.0), {"ita_weight": 1.0}),

@@ -41,3 +41,30 @@ def test_mtil_default_learning_rates_follow_the_protocol(fake_root, tmp_path):
     with relaxed_md5_checks():
         train(cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["task_lrs"] == [5e-5, 1e-5]
+
+
+@pytest.mark.parametrize("flag, layout", [("--train-augment", "train-crop"), ("--no-train-augment", "center-crop")])
+def test_train_augment_switch_reaches_the_training_cache(fake_root, tmp_path, flag, layout):
+    """The training split is cached for the random crops by default; --no-train-augment keeps the eval transform."""
+    import glob
+    import json
+
+    from click.testing import CliRunner
+
+    from gift_fast.cli.main import main
+    from gift_fast.data.fake_mtil import relaxed_md5_checks
+
+    cache = tmp_path / "cache"
+    with relaxed_md5_checks():
+        res = CliRunner().invoke(main, ["train", "--model", "toy-vit-test", "--pretrained", "none", "--tasks", "MNIST",
+                                        "--data-root", str(fake_root / "data"), "--data-cache", str(cache), flag,
+                                        "--method", "finetune", "--steps", "1", "--batch-size", "4", "--warmup", "1",
+                                        "--device", "cpu", "--num-workers", "0", "--no-plots", "--quiet",
+                                        "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert conf["config"]["train_augment"] is (layout == "train-crop")
+    (train_meta,) = glob.glob(str(cache / "MNIST-train-*.json"))
+    (test_meta,) = glob.glob(str(cache / "MNIST-test-*.json"))
+    assert json.load(open(train_meta))["layout"] == layout
+    assert json.load(open(test_meta))["layout"] == "center-crop"

@@ -28,18 +28,40 @@ time it is read (per process): a damaged row is an error naming the file and the
 never silently wrong pixels. (Reading all rows at open would cost a full pass over
 the file each run; the first read costs one CRC per row, once.)
 
+Two layouts (``layout=``):
+
+* ``"center-crop"`` (evaluation, synthetic images, and training without augmentation): the
+  output of CLIP's eval preprocessing, uint8 ``[N, 3, S, S]``;
+* ``"train-crop"`` (task images in training): what the authors' training augmentation,
+  ``RandomResizedCrop(S, scale=(0.9, 1.0), bicubic)`` (their ``clip/clip.py``,
+  ``_transform(is_train=True)``), needs: each image turned landscape (portrait images are
+  transposed), resized aspect-preserving to a shorter side of S (bicubic, PIL), its long side
+  center-cropped to ``L = ceil(S * (4/3) / 0.9)`` (no crop of that scale and ratio reaches
+  further; docs/METHOD.md, "Training augmentation") and edge-padded to L: uint8
+  ``[N, 3, S, L]``, plus ``NAME-KEY.geometry.npy`` (int64 ``[N, 6]``: original height and
+  width, transposed, resized long side, left offset, valid width). A batch draws its crop
+  boxes on the host exactly as torchvision's ``RandomResizedCrop.get_params`` does, in the
+  original image's pixels (``random_resized_crop_box``), and crops + resizes on the device
+  (``crop_resize``, bicubic ``grid_sample``). The box distribution is torchvision's; the
+  pixels are resampled from the S-short-side image instead of the full-size file (a crop is
+  at most ~11% upscaled, or up to ~1.5x downscaled along a long side without PIL's low-pass
+  filter), the one approximation of this path (``--data-cache none`` crops the full image).
+
 Two ways to read it:
 
 * ``ds[i]`` -> ``(float tensor [3, S, S] normalized, int label)``: the TaskSpec contract,
-  usable with any DataLoader;
+  usable with any DataLoader (``"train-crop"``: a fresh random crop, drawn from torch's RNG);
 * ``ds.get_batch(indices)`` -> ``(uint8 tensor [B, 3, S, S], int64 labels [B])``: the fast path,
   one gather from the memory map; move it to the GPU and call ``ds.normalize(x)`` there
-  (``iter_batches`` does this with a background thread).
+  (``iter_batches`` does this with a background thread, and with ``"train-crop"`` draws the
+  crops too: seeded by (seed, epoch, batch), so a resumed run sees the same crops).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
@@ -51,7 +73,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-CACHE_FORMAT_VERSION = 1
+# 2: the "train-crop" layout and its geometry file (caches of version 1 are not read: rebuilt, with a warning)
+CACHE_FORMAT_VERSION = 2
+LAYOUTS = ("center-crop", "train-crop")
+
+# The authors' training augmentation: RandomResizedCrop(S, scale=(0.9, 1.0)) with torchvision's
+# default ratio (3/4, 4/3), bicubic (GIFT_CL clip/clip.py, _transform(is_train=True)).
+TRAIN_CROP_SCALE = (0.9, 1.0)
+TRAIN_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+GEOMETRY_FIELDS = ("height", "width", "transposed", "resized_long", "left", "valid")
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (tests check they are equal to open_clip's).
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -95,9 +125,120 @@ def clip_eval_transform(image_size: int = 224, mean: Sequence[float] = OPENAI_DA
     ])
 
 
-def transform_description(image_size: int) -> str:
+def clip_train_transform(image_size: int = 224, mean: Sequence[float] = OPENAI_DATASET_MEAN,
+                         std: Sequence[float] = OPENAI_DATASET_STD):
+    """The authors' training preprocessing of task images, PIL image -> normalized float ``[3, S, S]``:
+    ``RandomResizedCrop(S, scale=(0.9, 1.0), bicubic)``, RGB, to tensor, normalize (GIFT_CL's
+    ``clip/clip.py`` ``_transform(is_train=True)``). Random: torch's global RNG."""
+    from torchvision import transforms as T
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CROP_RATIO,
+                            interpolation=T.InterpolationMode.BICUBIC),
+        _ToRGB(),
+        T.ToTensor(),
+        T.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def train_crop_width(image_size: int) -> int:
+    """L: the long side the "train-crop" layout keeps. A crop of scale >= 0.9 and ratio <= 4/3 of an
+    image whose long side exceeds 4/3 / 0.9 times its short side cannot succeed, so torchvision falls
+    back to the central 4/3 crop: nothing outside the central ``S x L`` region is ever read."""
+    return int(math.ceil(image_size * TRAIN_CROP_RATIO[1] / TRAIN_CROP_SCALE[0] - 1e-9))
+
+
+def transform_description(image_size: int, layout: str = "center-crop") -> str:
     """What the cached pixels are: part of the cache key (change the transform, change this)."""
+    if layout == "train-crop":
+        return (f"landscape(transpose portrait)|resize-shorter={image_size}:bicubic:PIL|"
+                f"center-crop-long<={train_crop_width(image_size)}|edge-pad|rgb|uint8-chw|geometry")
     return f"resize-shorter={image_size}:bicubic:PIL|center-crop={image_size}|rgb|uint8-chw"
+
+
+def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
+                            scale: Sequence[float] = TRAIN_CROP_SCALE,
+                            ratio: Sequence[float] = TRAIN_CROP_RATIO) -> Tuple[int, int, int, int]:
+    """``(top, left, h, w)`` in the pixels of a ``height x width`` image: torchvision's
+    ``RandomResizedCrop.get_params``, step for step, drawing from ``rng`` instead of torch's global RNG
+    (10 tries of an area in ``scale`` and a log-uniform ratio in ``ratio``, then the central crop)."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def boxes_in_cache(geometry: np.ndarray, boxes: np.ndarray, image_size: int) -> np.ndarray:
+    """Crop boxes ``(top, left, h, w)`` in original pixels -> float ``(x0, y0, box_w, box_h)`` in the
+    pixels of the "train-crop" cached (landscape) image, one row per image."""
+    g = np.asarray(geometry, dtype=np.float64).reshape(-1, 6)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    H, W, tr, long_res, left = g[:, 0], g[:, 1], g[:, 2] > 0, g[:, 3], g[:, 4]
+    top, lft, h, w = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    # landscape frame: a transposed image's rows are the original's columns
+    short, long = np.where(tr, W, H), np.where(tr, H, W)
+    y0, x0 = np.where(tr, lft, top), np.where(tr, top, lft)
+    bh, bw = np.where(tr, w, h), np.where(tr, h, w)
+    sy, sx = image_size / short, long_res / long
+    return np.stack([x0 * sx - left, y0 * sy, bw * sx, bh * sy], axis=1).astype(np.float32)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, transposed: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 ``[B, 3, S, L]`` "train-crop" images, float boxes ``[B, 4]`` (``boxes_in_cache``) and
+    ``transposed [B]`` -> uint8 ``[B, 3, S, S]``: each box resized to S x S (bicubic, pixel centres as
+    PIL's resize of a crop), in the original orientation. Runs on x's device."""
+    B, _, Hs, Ls = x.shape
+    S = image_size
+    dev = x.device
+    b = boxes.to(dev, torch.float32)
+    u = (torch.arange(S, device=dev, dtype=torch.float32) + 0.5) / S                  # output pixel centres
+    gx = 2.0 * (b[:, 0:1] + u[None] * b[:, 2:3]) / Ls - 1.0                            # [B, S] along the long side
+    gy = 2.0 * (b[:, 1:2] + u[None] * b[:, 3:4]) / Hs - 1.0                            # [B, S] along the short side
+    tr = transposed.to(dev, torch.bool).view(B, 1, 1)
+    # output (row p, column q): landscape x from q (from p when the image was transposed), y likewise
+    grid_x = torch.where(tr, gx[:, :, None].expand(B, S, S), gx[:, None, :].expand(B, S, S))
+    grid_y = torch.where(tr, gy[:, None, :].expand(B, S, S), gy[:, :, None].expand(B, S, S))
+    grid = torch.stack([grid_x, grid_y], dim=-1)
+    out = torch.nn.functional.grid_sample(x.to(torch.float32), grid, mode="bicubic", padding_mode="border",
+                                          align_corners=False)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _to_landscape_uint8(img, image_size: int) -> Tuple[torch.Tensor, np.ndarray]:
+    """PIL image (or uint8 ``[3, H, W]`` tensor) -> the "train-crop" row: uint8 ``[3, S, L]`` and its
+    geometry (GEOMETRY_FIELDS)."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+
+    if isinstance(img, torch.Tensor):
+        img = TF.to_pil_image(img)
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    W, H = img.size
+    transposed = H > W
+    if transposed:
+        img = img.transpose(Image.Transpose.TRANSPOSE)
+    S, L = image_size, train_crop_width(image_size)
+    img = T.Resize(S, interpolation=T.InterpolationMode.BICUBIC)(img)
+    long_res = img.size[0]
+    left = int(round((long_res - L) / 2.0)) if long_res > L else 0      # torchvision's CenterCrop rounding
+    valid = min(long_res, L)
+    x = TF.pil_to_tensor(img)[:, :, left:left + valid]
+    if valid < L:       # edge padding: bicubic taps at the right edge read the edge, not black
+        x = torch.cat([x, x[:, :, -1:].expand(3, S, L - valid)], dim=2)
+    return x.contiguous(), np.array([H, W, int(transposed), long_res, left, valid], dtype=np.int64)
 
 
 def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -124,30 +265,34 @@ def labels_fingerprint(labels: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()
 
 
-def cache_key(key_parts, image_size: int) -> str:
+def cache_key(key_parts, image_size: int, layout: str = "center-crop") -> str:
     """16 hex digits naming a cache: format version + transform + the caller's key parts."""
-    blob = json.dumps({"version": CACHE_FORMAT_VERSION, "transform": transform_description(image_size),
+    blob = json.dumps({"version": CACHE_FORMAT_VERSION, "transform": transform_description(image_size, layout),
                        "parts": key_parts}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the cache
 class _Uint8View(Dataset):
-    """source[i] = (PIL image, label) -> (uint8 [3, S, S], label) for the building DataLoader."""
+    """source[i] = (PIL image, label) -> (uint8 row, label, geometry) for the building DataLoader:
+    ``[3, S, S]`` (center-crop) or ``[3, S, L]`` and its geometry (train-crop)."""
 
-    def __init__(self, source: Dataset, image_size: int):
-        self.source, self.image_size, self.tf = source, image_size, None
+    def __init__(self, source: Dataset, image_size: int, layout: str = "center-crop"):
+        self.source, self.image_size, self.tf, self.layout = source, image_size, None, layout
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i):
         img, label = self.source[i]
+        if self.layout == "train-crop":
+            img, geometry = _to_landscape_uint8(img, self.image_size)
+            return img, int(label), torch.from_numpy(geometry)
         if not (isinstance(img, torch.Tensor) and img.dtype == torch.uint8):
             if self.tf is None:      # built on first use: uint8 sources need no torchvision
                 self.tf = clip_uint8_transform(self.image_size)
             img = self.tf(img)
-        return img, int(label)
+        return img, int(label), torch.zeros(6, dtype=torch.int64)
 
 
 class CacheIntegrityError(ValueError):
@@ -190,12 +335,18 @@ class CachedImageDataset(Dataset):
     ``key_parts``: JSON-able description of the source (name, split, file fingerprint...): the cache
     is reused only when it, ``image_size`` and the format version are unchanged.
     ``mean``/``std``: used by ``__getitem__`` and ``normalize``.
+    ``layout``: ``"center-crop"`` (deterministic) or ``"train-crop"`` (the training augmentation;
+    module docstring).
     """
 
     def __init__(self, source: Union[Dataset, Callable[[], Dataset]], cache_dir: str, *, key_parts,
                  image_size: int = 224, mean: Sequence[float] = OPENAI_DATASET_MEAN,
                  std: Sequence[float] = OPENAI_DATASET_STD, name: str = "images",
-                 num_workers: Optional[int] = None, build_batch_size: int = 64, progress: bool = True):
+                 num_workers: Optional[int] = None, build_batch_size: int = 64, progress: bool = True,
+                 layout: str = "center-crop"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         if not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -203,26 +354,51 @@ class CachedImageDataset(Dataset):
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         self.name, self.image_size = safe, image_size
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.key = cache_key(key_parts, image_size)
+        self.key = cache_key(key_parts, image_size, layout)
+        self.width = train_crop_width(image_size) if layout == "train-crop" else image_size
         self.cache_dir = os.path.abspath(cache_dir)
         os.makedirs(self.cache_dir, exist_ok=True)
         stem = os.path.join(self.cache_dir, f"{safe}-{self.key}")
         self.images_path, self.labels_path, self.meta_path = stem + ".images.npy", stem + ".labels.npy", stem + ".json"
         self.crc_path = stem + ".crc32.npy"
+        self.geometry_path = stem + ".geometry.npy"
         self.built = False          # True when this object built the cache (a miss)
         self._mm = None
         problem = self._validate()
         if problem is not None:
             if problem != "absent":
                 warnings.warn(f"cache {stem}.* is unusable ({problem}); rebuilding it", RuntimeWarning)
+            else:
+                self._warn_other_caches()
             src = source() if callable(source) and not isinstance(source, Dataset) else source
             self._build(src, key_parts, num_workers, build_batch_size, progress)
             problem = self._validate()
             if problem is not None:
                 raise RuntimeError(f"the cache just written to {stem}.* does not validate: {problem}")
         self.labels = np.load(self.labels_path)
+        self.geometry = np.load(self.geometry_path) if layout == "train-crop" else None
         self._crc = np.load(self.crc_path)
         self._verified = np.zeros(len(self.labels), dtype=bool)   # rows whose CRC was checked in this process
+
+    def _warn_other_caches(self) -> None:
+        """Say which caches of the same name this one does not reuse: an older format version is never
+        read (its layout differs), and its files only take disk space."""
+        here = os.path.basename(self.meta_path)
+        for meta_path in sorted(glob.glob(os.path.join(self.cache_dir, f"{self.name}-*.json"))):
+            if os.path.basename(meta_path) == here or ".tmp-" in meta_path:
+                continue
+            try:
+                with open(meta_path) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if meta.get("version") != CACHE_FORMAT_VERSION:
+                stem = meta_path[: -len(".json")]
+                warnings.warn(
+                    f"{stem}.* is a cache of format version {meta.get('version')} ({meta.get('transform')}); this "
+                    f"version of gift-fast reads format {CACHE_FORMAT_VERSION} only (training images are now "
+                    f"cached for the random-crop augmentation), so it is not used and a new cache is built. "
+                    f"Delete {stem}.* to free the space.", RuntimeWarning)
 
     # -- validation / opening
     def _validate(self) -> Optional[str]:
@@ -233,16 +409,20 @@ class CachedImageDataset(Dataset):
             with open(self.meta_path) as f:
                 meta = json.load(f)
             n, s = int(meta["n"]), self.image_size
-            if meta.get("key") != self.key or meta.get("version") != CACHE_FORMAT_VERSION:
-                return "its metadata names another key or format version"
+            if meta.get("version") != CACHE_FORMAT_VERSION:
+                return (f"it is format version {meta.get('version')}, this version of gift-fast reads "
+                        f"{CACHE_FORMAT_VERSION}")
+            if meta.get("key") != self.key or meta.get("layout", "center-crop") != self.layout:
+                return "its metadata names another key or layout"
             with open(self.images_path, "rb") as f:
                 major, _ = np.lib.format.read_magic(f)
                 hdr = (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
                 offset = f.tell()
             shape, fortran, dtype = hdr
-            if tuple(shape) != (n, 3, s, s) or dtype != np.uint8 or fortran:
-                return f"images header says {shape} {dtype}, expected ({n}, 3, {s}, {s}) uint8"
-            size, want = os.path.getsize(self.images_path), offset + n * 3 * s * s
+            L = self.width
+            if tuple(shape) != (n, 3, s, L) or dtype != np.uint8 or fortran:
+                return f"images header says {shape} {dtype}, expected ({n}, 3, {s}, {L}) uint8"
+            size, want = os.path.getsize(self.images_path), offset + n * 3 * s * L
             if size != want:
                 return f"images file has {size} bytes, expected {want} (truncated or overwritten)"
             labels = np.load(self.labels_path)
@@ -255,6 +435,10 @@ class CachedImageDataset(Dataset):
             crc = np.load(self.crc_path)
             if crc.shape != (n,) or crc.dtype != np.uint32:
                 return f"row checksums are {crc.shape} {crc.dtype}, expected ({n},) uint32"
+            if self.layout == "train-crop":
+                geometry = np.load(self.geometry_path)
+                if geometry.shape != (n, 6) or geometry.dtype != np.int64:
+                    return f"geometry is {geometry.shape} {geometry.dtype}, expected ({n}, 6) int64"
             if n and _row_checksum(self._open()[n - 1]) != meta["last_row_crc32"]:
                 return "the last image row does not match its checksum"
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
@@ -291,31 +475,34 @@ class CachedImageDataset(Dataset):
     def _build(self, source: Dataset, key_parts, num_workers, batch_size, progress) -> None:
         from tqdm.auto import tqdm
         self._clean_stale_tmp()
-        n, s = len(source), self.image_size
+        n, s, L = len(source), self.image_size, self.width
         if n == 0:
             raise ValueError(f"cannot cache {self.name}: the source data set is empty")
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1) if n > 256 else 0
-        check_free_space(self.cache_dir, n * 3 * s * s + 8 * n, what=f"caching {self.name} ({n} images at {s}px)")
+        check_free_space(self.cache_dir, n * 3 * s * L + 56 * n, what=f"caching {self.name} ({n} images at {s}px)")
         tag = f".tmp-{os.getpid()}"
         tmp_images, tmp_labels, tmp_meta = self.images_path + tag, self.labels_path + tag, self.meta_path + tag
         tmp_crc = self.crc_path + tag
+        tmp_geometry = self.geometry_path + tag
         try:
             # A .npy from the start, so that the finished file is this one, renamed.
-            images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, 3, s, s))
+            images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, 3, s, L))
             labels = np.empty(n, dtype=np.int64)
+            geometry = np.zeros((n, 6), dtype=np.int64)
             crc = np.empty(n, dtype=np.uint32)
-            loader = DataLoader(_Uint8View(source, s), batch_size=batch_size, shuffle=False,
+            loader = DataLoader(_Uint8View(source, s, self.layout), batch_size=batch_size, shuffle=False,
                                 num_workers=num_workers, collate_fn=_collate_uint8)
             pos = 0
             with tqdm(total=n, desc=f"caching {self.name} ({s}px)", unit="img", disable=not progress) as bar:
-                for x, y in loader:
-                    if x.shape[1:] != (3, s, s):
-                        raise ValueError(f"source image {pos} became {tuple(x.shape[1:])}, expected (3, {s}, {s})")
+                for x, y, geo in loader:
+                    if x.shape[1:] != (3, s, L):
+                        raise ValueError(f"source image {pos} became {tuple(x.shape[1:])}, expected (3, {s}, {L})")
                     xs = x.numpy()
                     images[pos:pos + len(x)] = xs
-                    labels[pos:pos + len(y)] = y.numpy()
                     crc[pos:pos + len(x)] = [_row_checksum(r) for r in xs]
+                    labels[pos:pos + len(y)] = y.numpy()
+                    geometry[pos:pos + len(y)] = geo.numpy()
                     pos += len(x)
                     bar.update(len(x))
             if pos != n:
@@ -327,18 +514,23 @@ class CachedImageDataset(Dataset):
                 np.save(f, labels)
             with open(tmp_crc, "wb") as f:
                 np.save(f, crc)
-            meta = {"version": CACHE_FORMAT_VERSION, "key": self.key, "n": n, "image_size": s,
-                    "transform": transform_description(s), "key_parts": key_parts, "last_row_crc32": last_crc,
-                    "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+            if self.layout == "train-crop":
+                with open(tmp_geometry, "wb") as f:
+                    np.save(f, geometry)
+            meta = {"version": CACHE_FORMAT_VERSION, "key": self.key, "n": n, "image_size": s, "layout": self.layout,
+                    "transform": transform_description(s, self.layout), "key_parts": key_parts,
+                    "last_row_crc32": last_crc, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
             with open(tmp_meta, "w") as f:
                 json.dump(meta, f, indent=1, default=str)
             os.replace(tmp_images, self.images_path)
             os.replace(tmp_labels, self.labels_path)
+            if self.layout == "train-crop":
+                os.replace(tmp_geometry, self.geometry_path)
             os.replace(tmp_crc, self.crc_path)
             os.replace(tmp_meta, self.meta_path)      # last: its presence marks a finished cache
             self.built = True
         finally:
-            for p in (tmp_images, tmp_labels, tmp_meta, tmp_crc):
+            for p in (tmp_images, tmp_labels, tmp_meta, tmp_geometry, tmp_crc):
                 if os.path.exists(p):
                     os.remove(p)
 
@@ -353,6 +545,10 @@ class CachedImageDataset(Dataset):
         row = np.array(self._open()[i])
         self._verify_rows(np.array([i % n]), row[None])
         x = torch.from_numpy(row)
+        if self.layout == "train-crop":     # a fresh crop each access, from torch's RNG (as torchvision's)
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,))))
+            boxes, transposed = self.draw_boxes([i], rng)
+            x = crop_resize(x[None], boxes, transposed, self.image_size)[0]
         return normalize_uint8(x, self.mean, self.std), int(self.labels[i])
 
     def _verify_rows(self, idx: np.ndarray, rows: np.ndarray) -> None:
@@ -368,9 +564,26 @@ class CachedImageDataset(Dataset):
                     f"the disk damaged it): delete {self.meta_path} and the cache is rebuilt on the next run")
             self._verified[i] = True
 
+    def draw_boxes(self, indices, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """"train-crop": one RandomResizedCrop box per index (in the original image's pixels, as
+        torchvision draws it), as ``crop_resize``'s float boxes ``[B, 4]`` and ``transposed [B]``."""
+        if self.layout != "train-crop":
+            raise ValueError(f"cache {self.name} has the {self.layout!r} layout: it has no random crops")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        geo = self.geometry[idx]
+        raw = np.array([random_resized_crop_box(int(h), int(w), rng) for h, w in geo[:, :2]],
+                       dtype=np.int64).reshape(-1, 4)
+        return (torch.from_numpy(boxes_in_cache(geo, raw, self.image_size)),
+                torch.from_numpy(geo[:, 2] > 0))
+
+    def augment(self, x: torch.Tensor, boxes: torch.Tensor, transposed: torch.Tensor) -> torch.Tensor:
+        """uint8 "train-crop" rows (any device) + their boxes -> normalized float32 ``[B, 3, S, S]``."""
+        return normalize_uint8(crop_resize(x, boxes, transposed, self.image_size), self.mean, self.std)
+
     def get_batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        """uint8 ``[B, 3, S, S]`` and int64 ``[B]`` for ``indices`` (any order, repeats allowed), read
-        with one sorted gather from the memory map. Normalize on the GPU with ``self.normalize``."""
+        """uint8 ``[B, 3, S, S]`` (``"train-crop"``: ``[B, 3, S, L]``, to crop with ``draw_boxes`` and
+        ``augment``) and int64 ``[B]`` for ``indices`` (any order, repeats allowed), read with one
+        sorted gather from the memory map. Normalize on the GPU with ``self.normalize``."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self.labels)
         if idx.size and (idx.min() < -n or idx.max() >= n):
@@ -393,12 +606,15 @@ class CachedImageDataset(Dataset):
         """Normalized ``(float [B, 3, S, S], int64 [B])`` batches on ``device``; a background thread
         gathers the next batches (pinned memory when ``device`` is CUDA) while the GPU works.
         ``epochs=None`` repeats forever (reshuffled each epoch with a seed derived from ``seed``).
-        ``rows``: only these rows of each batch are read (one process's share of a global batch)."""
+        ``rows``: only these rows of each batch are read (one process's share of a global batch).
+        ``"train-crop"`` layout: each batch is randomly cropped (the training augmentation), the boxes
+        drawn from a generator seeded by (seed, epoch, batch), for the global batch before ``rows``."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         dev = torch.device(device) if device is not None else torch.device("cpu")
         pin = dev.type == "cuda"
         n = len(self)
+        crops = getattr(self, "layout", "center-crop") == "train-crop"
         q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
         stop = threading.Event()
         done = object()
@@ -412,11 +628,17 @@ class CachedImageDataset(Dataset):
                     for a in range(0, end, batch_size):
                         idx = order[a:a + batch_size]
                         x, y = self.get_batch(idx if rows is None else idx[rows])
+                        item = (x, y)
+                        if crops:
+                            boxes, tr = self.draw_boxes(idx, np.random.default_rng([seed, epoch, a, 0x52524333]))
+                            if rows is not None:
+                                boxes, tr = boxes[rows], tr[rows]
+                            item = (x, y, boxes, tr)
                         if pin:
-                            x, y = x.pin_memory(), y.pin_memory()
+                            item = tuple(v.pin_memory() for v in item)
                         while not stop.is_set():
                             try:
-                                q.put((x, y), timeout=0.1)
+                                q.put(item, timeout=0.1)
                                 break
                             except queue.Full:
                                 continue
@@ -438,8 +660,11 @@ class CachedImageDataset(Dataset):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                x, y = item
-                yield self.normalize(x.to(dev, non_blocking=pin)), y.to(dev, non_blocking=pin)
+                x, y = item[0].to(dev, non_blocking=pin), item[1].to(dev, non_blocking=pin)
+                if crops:
+                    yield self.augment(x, item[2], item[3]), y
+                else:
+                    yield self.normalize(x), y
         finally:
             # join the producer: a daemon thread still inside pin_memory() when the
             # interpreter exits aborts the process ("terminate called without an active exception")
@@ -448,8 +673,8 @@ class CachedImageDataset(Dataset):
 
 
 def _collate_uint8(batch):
-    xs, ys = zip(*batch)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+    xs, ys, geos = zip(*batch)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), torch.stack(geos)
 
 
 def _bench(argv=None) -> None:

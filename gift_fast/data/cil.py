@@ -660,8 +660,9 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
     data_root = os.path.abspath(os.path.expanduser(str(data_root)))
     if proto.dataset == "CIFAR100":
         from gift_fast.data.mtil import build_task
+        # the class-incremental protocol keeps the deterministic transform for training images
         full = build_task("CIFAR100", data_root, image_size=image_size, mean=mean, std=std, download=download,
-                          cache_dir=cache_dir, num_workers=num_workers, progress=progress)
+                          cache_dir=cache_dir, num_workers=num_workers, progress=progress, train_augment=False)
         names, train, test = full.classnames, full.train, full.test
         exclude: List[int] = []
         source = {"data_root": data_root, "reader": "torchvision CIFAR100"}

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from gift_fast.config import MTIL_TASKS
 from gift_fast.data.base import TaskSpec
 from gift_fast.data.cache import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, CachedImageDataset, clip_eval_transform,
-                                  files_fingerprint, labels_fingerprint)
+                                  clip_train_transform, files_fingerprint, labels_fingerprint)
 
 # Tasks whose class names the authors read from the data files (torchvision's ``classes``, "_" -> " "),
 # so ``check_classes`` can compare the data's own names. (The name is historical; the values are
@@ -372,13 +372,17 @@ def build_task(task: str, data_root: str, *, image_size: int = 224,
                mean: Sequence[float] = OPENAI_DATASET_MEAN, std: Sequence[float] = OPENAI_DATASET_STD,
                download: bool = False, cache_dir: Optional[str] = None, split_seed: int = DEFAULT_SPLIT_SEED,
                split_record_dir: Optional[str] = None, train_fraction: float = DEFAULT_TRAIN_FRACTION,
-               num_workers: Optional[int] = None, progress: bool = True) -> TaskSpec:
+               num_workers: Optional[int] = None, progress: bool = True, train_augment: bool = True) -> TaskSpec:
     """One MTIL task as a TaskSpec: class names, templates, lr, and train / test data sets yielding
-    ``(float [3, S, S] normalized, int label)`` with CLIP's eval preprocessing (resize the shorter side
-    to ``image_size`` bicubic, center crop, to tensor, normalize with ``mean``/``std``).
+    ``(float [3, S, S] normalized, int label)``. The test split has CLIP's eval preprocessing (resize
+    the shorter side to ``image_size`` bicubic, center crop, to tensor, normalize with ``mean``/``std``);
+    the train split, with ``train_augment`` (the protocol's default), the authors' training
+    augmentation ``RandomResizedCrop(image_size, scale=(0.9, 1.0), bicubic)`` instead of resize + crop
+    (docs/METHOD.md, "Training augmentation"), else the eval preprocessing too.
 
     With ``cache_dir`` both splits are ``CachedImageDataset``s (decoded once; ``get_batch`` /
-    ``iter_batches`` give uint8 batches to normalize on the GPU); without, they decode per access.
+    ``iter_batches`` give uint8 batches to normalize, and crop, on the GPU: the train split uses the
+    ``"train-crop"`` layout); without, they decode per access.
     ``meta`` says how the data was split, the sizes, and whether it is cached."""
     from gift_fast.config import task_lr
     _check_task(task)
@@ -398,8 +402,10 @@ def build_task(task: str, data_root: str, *, image_size: int = 224,
         if names is not None and part_names != names:
             raise ValueError(f"{task}: the train and test splits order their classes differently")
         names = part_names
+        crops = part == "train" and train_augment
         if cache_dir is None:
-            data[part] = TransformedDataset(ds, clip_eval_transform(image_size, mean, std))
+            tf = clip_train_transform if crops else clip_eval_transform
+            data[part] = TransformedDataset(ds, tf(image_size, mean, std))
             continue
         files = sample_files(task, ds)
         key_parts = {"task": task, "split": part, "split_rule": raw["split"],
@@ -407,10 +413,11 @@ def build_task(task: str, data_root: str, *, image_size: int = 224,
                      "labels": labels_fingerprint(sample_labels(task, ds))}
         data[part] = CachedImageDataset(ds, cache_dir, key_parts=key_parts, image_size=image_size, mean=mean,
                                         std=std, name=f"{task}-{part}", num_workers=num_workers,
-                                        progress=progress)
+                                        progress=progress, layout="train-crop" if crops else "center-crop")
     meta = {"num_classes": len(classnames(task)), "split": raw["split"], "train_size": len(data["train"]),
             "test_size": len(data["test"]), "image_size": image_size, "mean": list(mean), "std": list(std),
-            "cached": cache_dir is not None, "data_root": data_root}
+            "cached": cache_dir is not None, "data_root": data_root,
+            "train_augment": "RandomResizedCrop(scale=(0.9, 1.0), bicubic)" if train_augment else None}
     return TaskSpec(name=task, classnames=names, templates=templates(task), train=data["train"],
                     test=data["test"], lr=task_lr(task), meta=meta)
 
