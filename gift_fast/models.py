@@ -400,8 +400,12 @@ def checkpoint_metadata(path: str | Path) -> Dict[str, Any]:
     """The JSON metadata a safetensors checkpoint was saved with."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as e:               # SafetensorError: an empty, truncated or foreign file
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e}): it is empty, truncated or "
+                         f"not a checkpoint; pass an intact .safetensors state dict") from None
     return {k: json.loads(v) for k, v in meta.items()}
 
 
