@@ -112,7 +112,7 @@ def _seeds(value):
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--label", default=None, help="Name of the run(s) in reports.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-# --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
+# --- class-incremental benchmarks (gift_fast.cil) ---
 @click.option("--benchmark", type=click.Choice(["mtil", "cifar100-cil", "tinyimagenet-cil"]), default=None,
               help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --increments N.")
 @click.option("--increments", type=int, default=None, help="Class-incremental --benchmark: the number of incremental "
@@ -123,7 +123,7 @@ def _seeds(value):
 @click.option("--iterations", type=int, default=None, help="Class-incremental: iterations per step (default: one "
               "epoch of the step's training images).")
 # --- end class-incremental ---
-# --- research tooling (gift_fast.run_config, gift_fast.tracking, issue 16) ---
+# --- research tooling (gift_fast.run_config, gift_fast.tracking) ---
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="Rerun from a run's config.json (or a JSON of options, or the authors' configs/mtil_order_*.json); "
               "options given here override the file.")
@@ -158,7 +158,7 @@ def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, comp
     opts["syn_batch_size"] = merge_alias("--distill-batch-size", opts.get("syn_batch_size"), "--syn-batch-size",
                                          old_syn_batch_size)
     opts["synth_batch_size"] = opts.pop("sd_batch_size", None)
-    # --- research tooling (issue 16): --config FILE under the command line's options ---
+    # --- research tooling: --config FILE under the command line's options ---
     config_file = opts.pop("config_file", None)
     if opts.get("track") is not None:
         opts["track"] = _csv(opts["track"])
@@ -185,7 +185,7 @@ def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, comp
         seeds = seeds or (None if file_seed is None else str(file_seed))
         opts["_config_file_opts"] = file_opts
     # --- end research tooling ---
-    # --- class-incremental benchmarks (gift_fast.cil, issue 9) ---
+    # --- class-incremental benchmarks (gift_fast.cil) ---
     if benchmark not in (None, "mtil"):
         if increments is not None:
             if opts.get("steps") is not None:

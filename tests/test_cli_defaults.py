@@ -228,7 +228,7 @@ def test_missing_models_without_network_one_line_each(tmp_path, fake_data):
     tasks = ["--tasks", "MNIST,EuroSAT", "--data-root", fake_data, "--data-cache", "none"]
     line = _offline(tmp_path, "synth", "--steps", "25", "--out", str(tmp_path / "syn"))
     assert "Stable Diffusion model" in line and "--sd-model" in line and "patched: no network" in line
-    line = _offline(tmp_path, "train", "--order", "1", "--bf16", *tasks, "--synth", "on-the-fly")
+    line = _offline(tmp_path, "train", "--bf16", *tasks, "--synth", "on-the-fly")   # --tasks replaces --order
     assert "CLIP weights ViT-B-16 / openai" in line and "--pretrained" in line
     line = _offline(tmp_path, "eval", *tasks)
     assert "CLIP weights" in line and "--pretrained" in line

@@ -301,7 +301,7 @@ def test_mtil_tasks_order_1_and_unknown_order():
         mtil_tasks(3)
 
 
-# --------------------------------------------------------------------------- protocol options (issue 13)
+# --------------------------------------------------------------------------- protocol options (the authors' prompts)
 TASKS3 = [("A", ["a1", "a2"], "an {} of A."), ("B", ["b1"], "a {}, from B."), ("C", ["c1", "c2", "c3"])]
 
 

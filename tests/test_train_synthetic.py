@@ -71,7 +71,7 @@ def test_reference_images_from_class_folders_are_seeded_per_task(tmp_path):
         load_reference_set(tmp_path / "golden_retriever", 2, seed=0, task_index=0, image_size=8)
 
 
-# --------------------------------------------------------------------------- the authors' layout, orders (issue 13)
+# --------------------------------------------------------------------------- the authors' layout, orders
 def _authors_folder(root, task, texts, black=(), size=(24, 20), order_dir="synthetic_data_a"):
     """A folder as the authors' txt2img.py writes it: the image column holds the path it saw."""
     import csv
