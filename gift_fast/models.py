@@ -310,6 +310,16 @@ def write_error(path: str | Path, e: OSError) -> OSError:
     return OSError(e.errno, f"cannot write {path}: {why}; {fix}")
 
 
+def append_text_line(path: str | Path, line: str) -> None:
+    """Append one line to a run's log file (log.jsonl, curves.jsonl); a full disk or a permission problem
+    becomes an OSError that names the file and the fix, as every other write of a run does."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -287,8 +287,9 @@ class RunHooks:
             model.train(was_training)
         if not self.main:
             return
-        with open(trainer.out / CURVES_FILE, "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        from gift_fast.models import append_text_line
+
+        append_text_line(trainer.out / CURVES_FILE, json.dumps(rec))
         self._scalars({f"curves/{k}": float(v) for k, v in rec.items()
                        if k not in ("task", "task_index", "step", "global_step")}, rec["global_step"])
 

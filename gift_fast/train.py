@@ -915,8 +915,9 @@ class ContinualTrainer:
                "steps_per_s": dk / dt if dt > 0 else None,
                "images_per_s": dk * per_step / dt if dt > 0 else None, "time": time.time()}
         if self.dist.is_main:
-            with open(self.log_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            from gift_fast.models import append_text_line
+
+            append_text_line(self.log_path, json.dumps(rec))
         self.hooks.on_log(rec)
         return rec
 

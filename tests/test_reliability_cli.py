@@ -4,6 +4,7 @@ left behind; a --jobs worker's error reaches the parent the same way."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -155,6 +156,42 @@ def test_full_disk_while_saving_names_the_file(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "cannot write" in proc.stderr and "task_01_ToyShapes.safetensors" in proc.stderr, proc.stderr
     assert "free disk space" in proc.stderr
+
+
+FULL_DISK_LOG = textwrap.dedent("""
+    import builtins, errno, sys
+
+    real_open = builtins.open
+
+    def open_without_space_for_logs(file, mode="r", *a, **kw):
+        if str(file).endswith("log.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *a, **kw)
+
+    builtins.open = open_without_space_for_logs
+    from gift_fast.cli.main import main
+    sys.argv = ["gift-fast"] + sys.argv[1:]
+    main()
+""")
+
+
+def test_full_disk_while_appending_the_log_names_the_file(tmp_path):
+    driver = tmp_path / "full_disk_log.py"
+    driver.write_text(FULL_DISK_LOG)
+    proc = subprocess.run([sys.executable, str(driver)] + TINY + ["--log-every", "1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot write" in proc.stderr and "log.jsonl" in proc.stderr and "free disk space" in proc.stderr, proc.stderr
+
+
+def test_append_text_line_names_the_file_on_a_full_device():
+    from gift_fast.models import append_text_line
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    with pytest.raises(OSError, match=r"cannot write /dev/full: .*free disk space"):
+        append_text_line("/dev/full", "{}")
 
 
 @pytest.mark.slow
