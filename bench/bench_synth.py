@@ -27,7 +27,7 @@ Variants, in this order, one process:
                 included; ms per image and the share it adds to the fastest row's time per image
 
 MFU = images/s x 42.7 TFLOP / 989 TFLOP/s (H200 dense bf16 peak); also given against the
-752 TFLOP/s bf16 matmul rate measured on the machine (DEVICE.md). FLOPs per image:
+752 TFLOP/s bf16 matmul rate measured on the H200 (bench/RESULTS.md, anchors). FLOPs per image:
 UNet forward 803 GFLOP per latent x 2 (guidance) x 25 steps + VAE decode 2.51 TFLOP.
 
 Run on the GPU (about 2 to 2.5 minutes on an H200 with compile, under 1 minute without):
@@ -58,7 +58,7 @@ STEPS = 25 if CUDA else 2
 GUIDANCE = 7.5
 FLOP_PER_IMAGE = 2 * STEPS * 803e9 + 2.51e12 if CUDA else None  # 42.7e12 at 25 steps
 PEAK_BF16 = 989e12          # H100 / H200 SXM dense bf16
-MEASURED_MATMUL = 752e12    # bf16 matmul rate measured on the H200 (DEVICE.md)
+MEASURED_MATMUL = 752e12    # bf16 matmul rate measured on the H200 (bench/RESULTS.md, anchors)
 BATCHES = [int(b) for b in os.environ.get("GIFT_FAST_BENCH_SYNTH_BATCHES", "16,32" if CUDA else "2").split(",")]
 COMPILE = os.environ.get("GIFT_FAST_BENCH_SYNTH_COMPILE", "unet" if CUDA else "0")
 COMPILE_MODE = os.environ.get("GIFT_FAST_BENCH_SYNTH_COMPILE_MODE", "default")

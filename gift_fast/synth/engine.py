@@ -462,12 +462,7 @@ def _finalize(folder: Path, prompts, ext, fp, identity, seed, task_index, max_re
                                  f"modified during the run?)")
             return False
         metas.append(m)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image", "text"])
-    for i, p in enumerate(prompts):
-        w.writerow([f"{i}.{ext}", p])
-    _atomic_write_text(folder / CSV_NAME, buf.getvalue())
+    write_prompt_csv(folder, prompts, ext)
     retries = {str(i): m["attempt"] for i, m in enumerate(metas) if m.get("attempt", 0) > 0}
     gen_s = run_stats.get("gen_s", 0.0)
     wall_s = run_stats.get("wall_s", wall)  # the slowest rank's
@@ -659,12 +654,7 @@ def write_prompts_only(task_name: str, prompts: Sequence[str], out_root, *, seed
     if old is not None and not old.get("prompts_only"):
         raise SynthError(f"{folder} holds generated images (manifest.json): --prompts-only would replace their "
                          f"prompt list. Use another --out")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image", "text"])
-    for i, p in enumerate(prompts):
-        w.writerow([f"{i}.jpeg", p])
-    _atomic_write_text(folder / CSV_NAME, buf.getvalue())
+    write_prompt_csv(folder, prompts, "jpeg")
     manifest = {"version": MANIFEST_VERSION, "complete": False, "prompts_only": True, "task": task_name,
                 "task_index": int(task_index), "seed": int(seed), "images": len(prompts),
                 "distinct_prompts": len(set(prompts)), "seed_scheme": seed_scheme,
@@ -683,6 +673,17 @@ def csv_image_index(value: str) -> int:
     if not stem.isdigit():
         raise ValueError(f"image name {value!r} is not <index>.<ext>")
     return int(stem)
+
+
+def write_prompt_csv(folder: Path, prompts: Sequence[str], ext: str) -> None:
+    """``image_text.csv`` of a task folder: header ``image,text``, then ``<i>.<ext>,<prompt>`` rows (the
+    authors' layout), written atomically (the CSV marks a complete folder)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "text"])
+    for i, p in enumerate(prompts):
+        w.writerow([f"{i}.{ext}", p])
+    _atomic_write_text(folder / CSV_NAME, buf.getvalue())
 
 
 def read_prompt_csv(path, limit: Optional[int] = None) -> List[str]:
