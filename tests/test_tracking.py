@@ -5,26 +5,19 @@ import sys
 import pytest
 import torch
 
-from gift_fast.models import create_clip, save_model
 from gift_fast.tracking import parse_report_to, plot_curves, read_curves
-from gift_fast.train import ContinualTrainer, TrainConfig
+from toy_runs import init_checkpoint, toy_run_config
+from gift_fast.train import ContinualTrainer
 
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    torch.manual_seed(123)
-    m = create_clip("toy-vit-test", None).model
-    return str(save_model(m, tmp_path_factory.mktemp("init") / "init.safetensors"))
+    return init_checkpoint(tmp_path_factory, seed=123)
 
 
 def cfg_for(tmp_path, init_ckpt, folder="run", **kw):
-    base = dict(out=str(tmp_path / folder), model="toy-vit-test", pretrained=init_ckpt, toy=True,
-                tasks=["ToyShapes", "ToyColours"], toy_train_size=40, toy_test_size=20, steps=4, batch_size=8,
-                syn_batch_size=6, warmup=2, lr=1e-3, synth="on-the-fly", generator="toy", images_per_task=12,
-                log_every=2, device="cpu", progress=False, num_workers=0, plots=False, eval_batch_size=64,
-                kernels="torch")
-    base.update(kw)
-    return TrainConfig(**base)
+    return toy_run_config(tmp_path / folder, init_ckpt,
+                          **{"steps": 4, "images_per_task": 12, "log_every": 2, "keep_synth": False, **kw})
 
 
 def _log_records(out):

@@ -9,26 +9,19 @@ import torch.nn.functional as F
 
 from gift_fast.data.synthetic import load_synthetic_set
 from gift_fast.models import create_clip, read_state_dict, save_model
-from gift_fast.train import (STREAM_SYN, STREAM_TASK, ContinualTrainer, TrainConfig, _derived_seed,
+from toy_runs import init_checkpoint, toy_run_config
+from gift_fast.train import (STREAM_SYN, STREAM_TASK, ContinualTrainer, _derived_seed,
                              embed_distill_set, normalize_batch, resolve_method)
 
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
     """A fixed random tiny CLIP as the 'pre-trained' model (every run starts from the same weights)."""
-    torch.manual_seed(123)
-    m = create_clip("toy-vit-test", None).model
-    return str(save_model(m, tmp_path_factory.mktemp("init") / "init.safetensors"))
+    return init_checkpoint(tmp_path_factory, seed=123)
 
 
 def cfg_for(tmp_path, init_ckpt, **kw):
-    base = dict(out=str(tmp_path / "run"), model="toy-vit-test", pretrained=init_ckpt, toy=True,
-                tasks=["ToyShapes", "ToyColours"], toy_train_size=40, toy_test_size=20, steps=2, batch_size=8,
-                syn_batch_size=6, warmup=2, lr=1e-3, synth="on-the-fly", generator="toy", images_per_task=10,
-                log_every=1, device="cpu", progress=False, num_workers=0, plots=False, eval_batch_size=64,
-                kernels="torch", keep_synth=True)
-    base.update(kw)
-    return TrainConfig(**base)
+    return toy_run_config(tmp_path / "run", init_ckpt, **kw)
 
 
 # ----------------------------------------------------------------------------- one step, by hand

@@ -11,25 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gift_fast.models import create_clip, read_state_dict, save_model
-from gift_fast.train import STREAM_FISHER, ContinualTrainer, TrainConfig, _derived_seed, cosine_lr_lambda
+from gift_fast.models import create_clip, read_state_dict
+from toy_runs import init_checkpoint, toy_run_config
+from gift_fast.train import STREAM_FISHER, ContinualTrainer, _derived_seed, cosine_lr_lambda
 
 
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
-    torch.manual_seed(321)
-    m = create_clip("toy-vit-test", None).model
-    return str(save_model(m, tmp_path_factory.mktemp("init") / "init.safetensors"))
+    return init_checkpoint(tmp_path_factory, seed=321)
 
 
 def cfg_for(tmp_path, init_ckpt, **kw):
-    base = dict(out=str(tmp_path / "run"), model="toy-vit-test", pretrained=init_ckpt, toy=True,
-                tasks=["ToyShapes", "ToyColours"], toy_train_size=40, toy_test_size=20, steps=2, batch_size=8,
-                syn_batch_size=6, warmup=1, lr=1e-3, synth="on-the-fly", generator="toy", images_per_task=10,
-                log_every=1, device="cpu", progress=False, num_workers=0, plots=False, eval_batch_size=64,
-                kernels="torch", keep_synth=True)
-    base.update(kw)
-    return TrainConfig(**base)
+    return toy_run_config(tmp_path / "run", init_ckpt, **{"warmup": 1, **kw})
 
 
 # ----------------------------------------------------------------------------- the lr schedule

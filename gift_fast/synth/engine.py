@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .prompts import (DEFAULT_TEMPLATE, IMAGENET_SYNTHETIC_TEMPLATE, SEED_SCHEMES, PoolSource, imagenet_pool_source,
+from .prompts import (IMAGENET_SYNTHETIC_TEMPLATE, SEED_SCHEMES, PoolSource, imagenet_pool_source,
                       pool_source, pool_task_names, seed_for, sequence_prompts, shard_indices, task_pools)
 
 logger = logging.getLogger("gift_fast.synth")
