@@ -430,7 +430,7 @@ class CachedImageDataset(Dataset):
                 return f"labels are {labels.shape} {labels.dtype}, expected ({n},) int64"
             if "labels_sha256" not in meta or not os.path.exists(self.crc_path):
                 return "it was made before per-row checksums"
-            if hashlib.sha256(labels.tobytes()).hexdigest() != meta["labels_sha256"]:
+            if labels_fingerprint(labels) != meta["labels_sha256"]:
                 return "the labels do not match their checksum"
             crc = np.load(self.crc_path)
             if crc.shape != (n,) or crc.dtype != np.uint32:
@@ -519,7 +519,7 @@ class CachedImageDataset(Dataset):
                     np.save(f, geometry)
             meta = {"version": CACHE_FORMAT_VERSION, "key": self.key, "n": n, "image_size": s, "layout": self.layout,
                     "transform": transform_description(s, self.layout), "key_parts": key_parts,
-                    "last_row_crc32": last_crc, "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest()}
+                    "last_row_crc32": last_crc, "labels_sha256": labels_fingerprint(labels)}
             with open(tmp_meta, "w") as f:
                 json.dump(meta, f, indent=1, default=str)
             os.replace(tmp_images, self.images_path)
