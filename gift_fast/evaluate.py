@@ -9,7 +9,6 @@ the correct counts are summed: the same accuracy as one process, N times faster.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -17,10 +16,7 @@ import torch.nn.functional as F
 
 from gift_fast.data.base import TaskSpec
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_sum
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+from gift_fast.precision import autocast  # noqa: F401  (also gift_fast.evaluate.autocast, its old home)
 
 
 @torch.no_grad()

@@ -37,7 +37,9 @@ from typing import Dict, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-MODES = ("contrastive", "image_only", "text_only", "kl")
+MODES = ("contrastive", "image_only", "text_only", "kl")   # the similarity matrices gift_distill_loss compares
+# The distillation losses of the method (Tab. 4a): the one list. The CLI spells them with hyphens (image-only).
+DISTILL_MODES = MODES + ("feature",)
 BACKENDS = ("torch", "triton", "auto")
 PART_NAMES = ("cd_image", "cd_text", "ita_image", "ita_text")
 FEATURE_PART_NAMES = ("feat_image", "feat_text")

@@ -34,6 +34,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from gift_fast.files import append_text_line, atomic_write_text, write_error  # noqa: F401  (old home)
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -295,47 +297,6 @@ def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str | Path,
         if type(e).__name__ != "SafetensorError":
             raise
         raise write_error(path, OSError(str(e))) from None
-    return path
-
-
-def write_error(path: str | Path, e: OSError) -> OSError:
-    """An OSError that names the file and the fix (a full disk or a permission says neither by itself)."""
-    import errno
-
-    why = e.strerror or str(e)
-    fix = {errno.ENOSPC: "free disk space or choose another folder",
-           errno.EDQUOT: "free disk space (quota) or choose another folder",
-           errno.EACCES: "fix the folder's permissions or choose another folder",
-           errno.EROFS: "the file system is read-only: choose another folder"}.get(e.errno, "choose another folder")
-    return OSError(e.errno, f"cannot write {path}: {why}; {fix}")
-
-
-def append_text_line(path: str | Path, line: str) -> None:
-    """Append one line to a run's log file (log.jsonl, curves.jsonl); a full disk or a permission problem
-    becomes an OSError that names the file and the fix, as every other write of a run does."""
-    try:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line.rstrip("\n") + "\n")
-    except OSError as e:
-        raise write_error(path, e) from None
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise write_error(path, e) from None
     return path
 
 
