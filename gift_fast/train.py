@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from gift_fast.distributed import SINGLE, DistContext
+from gift_fast.schedule import cosine_lr_lambda  # noqa: F401  (also gift_fast.train.cosine_lr_lambda, its old home)
 
 METHODS = ("gift", "finetune", "l2", "ewc-v")
 CONSOLIDATIONS = ("none", "uniform", "adaptive", "static")
@@ -382,16 +383,6 @@ def synthetic_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.T
         perm = torch.randperm(n, generator=g)
         rows.append(perm[: n - n % batch_size])
     return torch.cat(rows)[:need].view(steps, batch_size)
-
-
-def cosine_lr_lambda(warmup: int, steps: int):
-    """The reference's schedule: linear warm-up ((k + 1) / warmup), then a cosine to 0 at ``steps``."""
-    def f(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        e, es = k - warmup, max(1, steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(e, es) / es))
-    return f
 
 
 # =============================================================================== teacher
