@@ -4,7 +4,7 @@
 * ``CLI_TEST_DISK_FREE=N``: ``shutil.disk_usage`` reports N free bytes;
 * every model loader (open_clip, CLIP bundle, Stable Diffusion pipeline) prints
   ``MODEL LOADED`` and exits 99, so a test can prove nothing was loaded first;
-* torchvision's md5 checks accept the fake data sets of ``gift_fast.data.fake_mtil``.
+* torchvision's md5 checks accept the fake data sets of ``tests/fake_datasets.py``.
 """
 import os
 import shutil
@@ -31,7 +31,7 @@ def main():
     open_clip.create_model_and_transforms = loaded
     from gift_fast.synth.generators import StableDiffusionGenerator
     StableDiffusionGenerator.from_pretrained = classmethod(loaded)
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
     from gift_fast.cli.main import main as cli
 
     with relaxed_md5_checks():

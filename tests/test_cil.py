@@ -14,6 +14,8 @@ from gift_fast.data.cil import (ICARL_CIFAR100_ORDER, PROTOCOLS, SEED_RESULTS, b
                                 write_or_check_split)
 from gift_fast.metrics import cil_metrics
 
+from fake_datasets import make_fake_cifar100_root, make_fake_tiny_imagenet_root
+
 # Tab. 7 and Tab. 8 of the paper as its text prints them (only those lines: the data SEED_RESULTS transcribes)
 SEED_TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "seed_cil_tables.txt")
 
@@ -169,13 +171,13 @@ def test_cil_metrics_bad_input():
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cil_data"))
-    cil.make_fake_cifar100_root(root, train_per_class=2, test_per_class=1)
-    cil.make_fake_tiny_imagenet_root(root, train_per_class=2, test_per_class=1)
+    make_fake_cifar100_root(root, train_per_class=2, test_per_class=1)
+    make_fake_tiny_imagenet_root(root, train_per_class=2, test_per_class=1)
     return root
 
 
 def test_cifar100_cil_from_fake_folder(fake_root, tmp_path):
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
     from gift_fast.data.mtil import classnames
     with relaxed_md5_checks():
         plain = build_cil("cifar100-cil", 10, fake_root, image_size=32, record_dir=str(tmp_path / "run"),
@@ -245,7 +247,7 @@ def test_tiny_imagenet_reader_errors_and_words_fallback(tmp_path):
     root = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="wnids.txt"):
         read_tiny_imagenet(root)
-    cil.make_fake_tiny_imagenet_root(root, wnids=["n01440764", "n99999999"], train_per_class=1)
+    make_fake_tiny_imagenet_root(root, wnids=["n01440764", "n99999999"], train_per_class=1)
     raw = read_tiny_imagenet(os.path.join(root, "tiny-imagenet-200"))   # the folder itself also works
     assert raw["classnames"] == ["tench", "thing 99999999"]            # not an ImageNet wnid: words.txt
     ann = os.path.join(root, "tiny-imagenet-200", "val", "val_annotations.txt")

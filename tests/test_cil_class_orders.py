@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gift_fast.data import cil as dcil
-from gift_fast.data.fake_mtil import relaxed_md5_checks
+from fake_datasets import make_fake_cifar100_root, relaxed_md5_checks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "zscl"
 
@@ -71,7 +71,7 @@ def test_parse_class_order():
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cil_orders_data"))
-    dcil.make_fake_cifar100_root(root, train_per_class=1, test_per_class=1)
+    make_fake_cifar100_root(root, train_per_class=1, test_per_class=1)
     return root
 
 

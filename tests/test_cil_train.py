@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from gift_fast.data import cil as dcil
-from gift_fast.data.fake_mtil import relaxed_md5_checks
+from fake_datasets import make_fake_cifar100_root, make_fake_tiny_imagenet_root, relaxed_md5_checks
 from gift_fast.metrics import cil_metrics
 
 
@@ -33,8 +33,8 @@ class HashTokenizer:
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("cil_train_data"))
-    dcil.make_fake_cifar100_root(root, train_per_class=1, test_per_class=1)
-    dcil.make_fake_tiny_imagenet_root(root, train_per_class=1, test_per_class=1)
+    make_fake_cifar100_root(root, train_per_class=1, test_per_class=1)
+    make_fake_tiny_imagenet_root(root, train_per_class=1, test_per_class=1)
     return root
 
 

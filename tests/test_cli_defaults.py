@@ -200,7 +200,7 @@ def test_help_shows_new_names_only():
 # ------------------------------------------------------------------------------------------ checks before cost
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):
-    from gift_fast.data.fake_mtil import make_fake_mtil_root
+    from fake_datasets import make_fake_mtil_root
 
     root = tmp_path_factory.mktemp("mtil")
     make_fake_mtil_root(str(root / "data"), tasks=["MNIST", "EuroSAT"])
@@ -248,7 +248,7 @@ def test_missing_data_and_small_disk_one_line_before_loading(tmp_path, fake_data
 
 
 def test_cache_is_announced_with_size_place_and_how_to_avoid_it(fake_data, tmp_path, capsys):
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
     from gift_fast.preflight import cache_plan, check_train
     from gift_fast.train import TrainConfig
 
@@ -290,7 +290,7 @@ def test_run_folder_space_for_checkpoints_is_checked(fake_data, tmp_path, monkey
     import shutil
     from collections import namedtuple
 
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
     from gift_fast.preflight import check_train
     from gift_fast.train import TrainConfig
 
@@ -304,7 +304,7 @@ def test_run_folder_space_for_checkpoints_is_checked(fake_data, tmp_path, monkey
 
 def test_train_on_the_fly_checks_the_sd_model_before_loading(fake_data, tmp_path, monkeypatch):
     import gift_fast.preflight as pf
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
     from gift_fast.train import TrainConfig
 
     monkeypatch.setattr(pf, "hub_reachable", lambda timeout=5.0: (False, "no network"))

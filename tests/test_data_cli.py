@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from gift_fast.cli.main import main
 from gift_fast.config import MTIL_TASKS
-from gift_fast.data.fake_mtil import make_fake_mtil_root, relaxed_md5_checks
+from fake_datasets import make_fake_mtil_root, relaxed_md5_checks
 
 
 @pytest.fixture(scope="module")

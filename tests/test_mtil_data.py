@@ -13,7 +13,7 @@ import torch
 from gift_fast.config import MTIL_TASKS
 from gift_fast.data import mtil
 from gift_fast.data.cache import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, CachedImageDataset, clip_eval_transform
-from gift_fast.data.fake_mtil import make_fake_mtil_root, relaxed_md5_checks
+from fake_datasets import make_fake_mtil_root, relaxed_md5_checks
 
 TORCHVISION_COUNTS = {"Aircraft": 100, "Caltech101": 101, "CIFAR100": 100, "DTD": 47, "EuroSAT": 10,
                       "Flowers": 102, "Food": 101, "MNIST": 10, "OxfordPet": 37, "StanfordCars": 196,

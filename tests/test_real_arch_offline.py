@@ -70,7 +70,7 @@ def _cli(args, env, timeout=600):
 
 
 def test_vit_b16_openai_and_sd15_offline_end_to_end(tmp_path):
-    from gift_fast.data.fake_mtil import make_fake_mtil_root
+    from fake_datasets import make_fake_mtil_root
     from gift_fast.data.mtil import classnames
 
     seconds = {}

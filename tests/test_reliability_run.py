@@ -358,7 +358,7 @@ def test_resume_refuses_a_changed_synthetic_folder(tmp_path):
 
 
 def test_resume_refuses_changed_mtil_data(tmp_path):
-    from gift_fast.data.fake_mtil import make_fake_mtil_root, relaxed_md5_checks
+    from fake_datasets import make_fake_mtil_root, relaxed_md5_checks
     from gift_fast.train import TrainConfig
 
     root = tmp_path / "data"

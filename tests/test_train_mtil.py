@@ -6,7 +6,7 @@ from gift_fast.train import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
-    from gift_fast.data.fake_mtil import make_fake_mtil_root
+    from fake_datasets import make_fake_mtil_root
 
     root = tmp_path_factory.mktemp("mtil")
     make_fake_mtil_root(str(root / "data"), tasks=["MNIST", "EuroSAT"])
@@ -15,7 +15,7 @@ def fake_root(tmp_path_factory):
 
 @pytest.mark.parametrize("method, synth, cached", [("finetune", None, False), ("gift", "on-the-fly", True)])
 def test_mtil_tasks_train_and_evaluate(fake_root, tmp_path, method, synth, cached):
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
 
     cfg = TrainConfig(out=str(tmp_path / "run"), model="toy-vit-test", pretrained=None, tasks=["MNIST", "EuroSAT"],
                       data_root=str(fake_root / "data"), data_cache=str(fake_root / "cache") if cached else None,
@@ -33,7 +33,7 @@ def test_mtil_tasks_train_and_evaluate(fake_root, tmp_path, method, synth, cache
 def test_mtil_default_learning_rates_follow_the_protocol(fake_root, tmp_path):
     import json
 
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
 
     cfg = TrainConfig(out=str(tmp_path / "run"), model="toy-vit-test", pretrained=None, tasks=["MNIST", "EuroSAT"],
                       data_root=str(fake_root / "data"), data_cache=None, method="finetune", steps=1, batch_size=4,
@@ -52,7 +52,7 @@ def test_train_augment_switch_reaches_the_training_cache(fake_root, tmp_path, fl
     from click.testing import CliRunner
 
     from gift_fast.cli.main import main
-    from gift_fast.data.fake_mtil import relaxed_md5_checks
+    from fake_datasets import relaxed_md5_checks
 
     cache = tmp_path / "cache"
     with relaxed_md5_checks():

@@ -8,7 +8,7 @@ for CLIP by ZSCL's ``cil/`` code, which GIFT's reference builds on):
 * **TinyImageNet, N steps** (N in 5, 10, 20): the 200 classes, in a class order; the first 100
   are learned in one base step, the other 100 are cut into N groups of 100 / N classes (DyTox's
   "100 classes first" setting; ZSCL's ``initial_increment: 100, increment: 100 / N``). So there
-  are N + 1 training steps, and N counts the incremental ones, as the seed's Tab. 8 headers do.
+  are N + 1 training steps, and N counts the incremental ones, as the paper's Tab. 8 headers do.
 * **No task identity at test time.** After step t the model is evaluated on the test images of
   every class seen so far (steps 0..t) with one classifier over all of those classes, labels
   being the classes' positions in the class order. The accuracy is over images (ZSCL's
@@ -24,13 +24,13 @@ for CLIP by ZSCL's ``cil/`` code, which GIFT's reference builds on):
   format, ``read_class_order_file``). Whatever is used is written to the run folder
   (``cil-split.json``, with its source) and checked on resume.
 * **Prompts:** one template, ``"a bad photo of a {}."`` (ZSCL's / Continual-CLIP's CIL template,
-  with which the seed's "CLIP Zero-shot" rows were measured), unless ``templates`` is given.
+  with which the paper's "CLIP Zero-shot" rows were measured), unless ``templates`` is given.
 * **Training loss per step:** the trainer's CE is over the current step's classes only (the
   TaskSpec of step t lists those classes, labels 0..k-1), as ZSCL's CIL code does; evaluation
   uses every class seen so far (the cumulative ``eval_tasks``).
-* **Label smoothing / weight decay:** 0.2 / 0 for CIFAR100, 0 / 0.1 for TinyImageNet (seed, Suppl. A).
+* **Label smoothing / weight decay:** 0.2 / 0 for CIFAR100, 0 / 0.1 for TinyImageNet (the paper, Suppl. A).
 * **Synthetic base class set:** 100 ImageNet class names that do not overlap the downstream
-  classes (seed, Suppl. A), chosen by ``base_classnames`` (rule in its docstring).
+  classes (the paper, Suppl. A), chosen by ``base_classnames`` (rule in its docstring).
 
 TinyImageNet layout (the unpacked ``tiny-imagenet-200.zip``; ``--data-root`` is its parent or
 the folder itself)::
@@ -58,6 +58,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from gift_fast.data.base import TaskSpec
+from gift_fast.paper import CIL_RESULTS, CIL_TABLE_NAMES
 
 CIL_TEMPLATE = "a bad photo of a {}."
 # How a step's classes enter the synthetic prompt pool (the TaskSpec's "pool_template"): the CIL runs keep
@@ -76,7 +77,7 @@ class CILProtocol:
     dataset: str                        # "CIFAR100" | "TinyImageNet"
     num_classes: int
     initial_classes: Optional[int]      # classes of the base step (None: every step is equal)
-    paper_steps: tuple                  # the step counts of the seed's table
+    paper_steps: tuple                  # the step counts of the paper's table
     label_smoothing: float
     weight_decay: float
 
@@ -143,10 +144,10 @@ def read_class_order_file(path: str) -> List[int]:
     return [int(c) for c in data]
 
 
-# The seed paper's Tab. 7 (CIFAR100) and Tab. 8 (TinyImageNet): {steps: {method: (Avg, Last)}}. The paper's
-# numbers live in gift_fast.paper; these names are kept for the code that reads them here.
-from gift_fast.paper import CIL_RESULTS as SEED_RESULTS  # noqa: E402
-from gift_fast.paper import CIL_TABLE_NAMES as SEED_TABLE_NAMES  # noqa: E402,F401
+# The paper's Tab. 7 (CIFAR100) and Tab. 8 (TinyImageNet): {steps: {method: (Avg, Last)}}, and the tables'
+# names. The numbers live in gift_fast.paper; these are the same objects under this module's names.
+PAPER_RESULTS = CIL_RESULTS
+PAPER_TABLE_NAMES = CIL_TABLE_NAMES
 
 
 def protocol(benchmark: str) -> CILProtocol:
@@ -158,9 +159,15 @@ def protocol(benchmark: str) -> CILProtocol:
                          f"{', '.join(PROTOCOLS)}") from None
 
 
-def seed_results(benchmark: str, steps: int) -> Dict[str, tuple]:
-    """The seed's ``{method: (Avg, Last)}`` for ``benchmark`` at ``steps`` (empty when the table has no column)."""
-    return dict(SEED_RESULTS[protocol(benchmark).name].get(int(steps), {}))
+def paper_results(benchmark: str, steps: int) -> Dict[str, tuple]:
+    """The paper's ``{method: (Avg, Last)}`` for ``benchmark`` at ``steps`` (empty when the table has no column)."""
+    return dict(PAPER_RESULTS[protocol(benchmark).name].get(int(steps), {}))
+
+
+# Old names ("seed" meant the paper; it now means only a random seed): kept so older code keeps working.
+SEED_RESULTS = PAPER_RESULTS
+SEED_TABLE_NAMES = PAPER_TABLE_NAMES
+seed_results = paper_results
 
 
 # --------------------------------------------------------------------------- class order and steps
@@ -273,7 +280,7 @@ def make_split(benchmark: str, steps: int, classnames: Sequence[str], *,
         raise ValueError(f"{benchmark} needs {proto.num_classes} classes, got {len(classnames)}")
     if proto.incremental_classes % int(steps):
         raise ValueError(f"{benchmark}: {proto.incremental_classes} incremental classes cannot be split into "
-                         f"{steps} equal steps; the seed uses {', '.join(map(str, proto.paper_steps))}")
+                         f"{steps} equal steps; the paper uses {', '.join(map(str, proto.paper_steps))}")
     co = class_order(proto.num_classes, order, seed)
     rule = order if isinstance(order, str) else "given"
     if rule == "zscl" and order_source is None:
@@ -331,7 +338,7 @@ def base_classnames(downstream: Sequence[str], n: int = 100, seed: int = DEFAULT
                     pool: Optional[Sequence[str]] = None, descriptions: Optional[Sequence[str]] = None,
                     exclude: Sequence[int] = ()) -> List[str]:
     """``n`` ImageNet class names that do not overlap the ``downstream`` class names: the synthetic
-    base class set of the CIL benchmarks (seed, Suppl. A: "100 ImageNet class names that do not
+    base class set of the CIL benchmarks (the paper, Suppl. A: "100 ImageNet class names that do not
     overlap with downstream datasets").
 
     Rule. The pool is CLIP's 1,000 cleaned ImageNet names (or ``pool``), each with a description
@@ -656,7 +663,7 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
     std = tuple(std) if std is not None else OPENAI_DATASET_STD
     if proto.incremental_classes % int(steps):
         raise ValueError(f"{benchmark}: {proto.incremental_classes} incremental classes cannot be split into "
-                         f"{steps} equal steps; the seed uses {', '.join(map(str, proto.paper_steps))}")
+                         f"{steps} equal steps; the paper uses {', '.join(map(str, proto.paper_steps))}")
     data_root = os.path.abspath(os.path.expanduser(str(data_root)))
     if proto.dataset == "CIFAR100":
         from gift_fast.data.mtil import build_task
@@ -697,64 +704,3 @@ def _tiny_split(raw: dict, part: str, image_size, mean, std, cache_dir, num_work
                  "n_files": len(ds.files), "labels": labels_fingerprint(ds.labels), "wnids": raw["wnids"]}
     return CachedImageDataset(ds, cache_dir, key_parts=key_parts, image_size=image_size, mean=mean, std=std,
                               name=f"TinyImageNet-{part}", num_workers=num_workers, progress=progress)
-
-
-# --------------------------------------------------------------------------- fake data (tests, smoke runs)
-def make_fake_cifar100_root(root: str, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0) -> None:
-    """A fake ``root/cifar-100-python`` with every class present (``train_per_class`` / ``test_per_class``
-    random 32x32 images each). torchvision md5-checks CIFAR100: read it inside
-    ``gift_fast.data.fake_mtil.relaxed_md5_checks()``."""
-    import pickle
-    from gift_fast.data.mtil import classnames
-    rng = np.random.default_rng(seed)
-    names = classnames("CIFAR100")
-    d = os.path.join(root, "cifar-100-python")
-    os.makedirs(d, exist_ok=True)
-    for split, per in (("train", train_per_class), ("test", test_per_class)):
-        labels = [c for c in range(len(names)) for _ in range(per)]
-        labels = [labels[i] for i in rng.permutation(len(labels))]
-        entry = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "fine_labels": labels,
-                 "coarse_labels": [0] * len(labels)}
-        with open(os.path.join(d, split), "wb") as f:
-            pickle.dump(entry, f)
-    with open(os.path.join(d, "meta"), "wb") as f:
-        pickle.dump({"fine_label_names": [n.replace(" ", "_") for n in names], "coarse_label_names": ["x"] * 20}, f)
-
-
-def make_fake_tiny_imagenet_root(root: str, wnids: Optional[Sequence[str]] = None, train_per_class: int = 2,
-                                 test_per_class: int = 1, seed: int = 0, size: int = 16) -> List[str]:
-    """A fake ``root/tiny-imagenet-200`` in the standard layout; returns its wnids. By default 200 real
-    ImageNet wnids (the first 200 of a seeded permutation of ImageNet's), so names map to CLIP's."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    if wnids is None:
-        all_w = imagenet_wnids()
-        wnids = [all_w[i] for i in sorted(rng.permutation(len(all_w))[:200])]
-    base = os.path.join(root, "tiny-imagenet-200")
-    os.makedirs(os.path.join(base, "val", "images"), exist_ok=True)
-    listed = list(wnids)
-    rng.shuffle(listed)                    # wnids.txt is not sorted in the real archive either
-    with open(os.path.join(base, "wnids.txt"), "w") as f:
-        f.write("".join(w + "\n" for w in listed))
-    with open(os.path.join(base, "words.txt"), "w") as f:
-        f.write("".join(f"{w}\tthing {w[1:]}, other name\n" for w in wnids))
-
-    def save(path):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
-
-    for w in wnids:
-        d = os.path.join(base, "train", w, "images")
-        os.makedirs(d, exist_ok=True)
-        for k in range(train_per_class):
-            save(os.path.join(d, f"{w}_{k}.JPEG"))
-    lines, k = [], 0
-    for w in wnids:
-        for _ in range(test_per_class):
-            name = f"val_{k}.JPEG"
-            save(os.path.join(base, "val", "images", name))
-            lines.append(f"{name}\t{w}\t0\t0\t{size - 1}\t{size - 1}\n")
-            k += 1
-    lines = [lines[i] for i in rng.permutation(len(lines))]
-    with open(os.path.join(base, "val", "val_annotations.txt"), "w") as f:
-        f.write("".join(lines))
-    return list(wnids)

@@ -1,13 +1,18 @@
-"""Tiny fake copies of the 11 MTIL data sets, in the exact folder layouts torchvision reads.
+"""Fake data sets for the tests: tiny copies of the 11 MTIL data sets and of the class-incremental
+benchmarks (CIFAR100, TinyImageNet), in the exact folder layouts torchvision and
+``gift_fast.data.cil`` read. Test helpers, not part of the library.
 
-For tests and smoke runs without the real data (no download): every layout of
-``gift_fast.data.mtil.LAYOUTS`` with a few small random images, all classes named
+Every layout of ``gift_fast.data.mtil.LAYOUTS`` gets a few small random images, all classes named
 (so that ``check_classes`` passes), and labels known in advance.
 
-``make_fake_mtil_root(root)`` returns ``{task: (train_size, test_size)}``. CIFAR-100 and
-Flowers102 are md5-checked by torchvision; fake files cannot pass that, so reading
-them needs ``relaxed_md5_checks()`` (a context manager that makes those two checks
-existence checks), which tests and smoke runs wrap around their reads.
+``make_fake_mtil_root(root)`` returns ``{task: (train_size, test_size)}``;
+``make_fake_cifar100_root(root)`` writes every CIFAR100 class; ``make_fake_tiny_imagenet_root(root)``
+writes a ``tiny-imagenet-200`` folder and returns its wnids. CIFAR-100 and Flowers102 are md5-checked
+by torchvision; fake files cannot pass that, so reading them needs ``relaxed_md5_checks()`` (a context
+manager that makes those two checks existence checks), which the tests wrap around their reads.
+
+Test modules import it as ``from fake_datasets import ...`` (pytest puts ``tests/`` on ``sys.path``; a
+script run as ``python tests/cli_offline.py`` has its own folder there too).
 """
 from __future__ import annotations
 
@@ -16,18 +21,23 @@ import json
 import os
 import pickle
 import struct
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.io
+import torchvision.datasets.cifar as cifar
+import torchvision.datasets.flowers102 as flowers
+from PIL import Image
 
 from gift_fast.config import MTIL_TASKS
+from gift_fast.data.cil import imagenet_wnids
+from gift_fast.data.mtil import classnames
 
 EUROSAT_FOLDERS = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
                    "PermanentCrop", "Residential", "River", "SeaLake")
 
 
 def _save_jpeg(path: str, rng: np.random.Generator, mode: str = "RGB") -> None:
-    from PIL import Image
     os.makedirs(os.path.dirname(path), exist_ok=True)
     w, h = int(rng.integers(12, 40)), int(rng.integers(12, 40))    # odd aspect ratios on purpose
     if mode == "L":
@@ -43,7 +53,6 @@ def _raw(name: str) -> str:
 
 
 def _savemat(path: str, obj: dict) -> None:
-    import scipy.io
     os.makedirs(os.path.dirname(path), exist_ok=True)
     scipy.io.savemat(path, obj)
 
@@ -219,7 +228,6 @@ _MAKERS = {"Aircraft": _make_aircraft, "Caltech101": _make_caltech, "CIFAR100": 
 
 def make_fake_mtil_root(root: str, tasks: Optional[Iterable[str]] = None, seed: int = 0) -> Dict[str, Tuple[int, int]]:
     """Write fake ``tasks`` (default: all 11) under ``root``; returns ``{task: (train_size, test_size)}``."""
-    from gift_fast.data.mtil import classnames
     rng = np.random.default_rng(seed)
     out = {}
     for task in (MTIL_TASKS if tasks is None else tasks):
@@ -231,8 +239,6 @@ def make_fake_mtil_root(root: str, tasks: Optional[Iterable[str]] = None, seed: 
 def relaxed_md5_checks():
     """Within the block, torchvision's md5 checks of CIFAR-100 and Flowers102 only check that the
     file exists (fake files cannot match the real checksums)."""
-    import torchvision.datasets.cifar as cifar
-    import torchvision.datasets.flowers102 as flowers
 
     def exists(fpath, md5=None):
         return os.path.isfile(fpath)
@@ -243,3 +249,61 @@ def relaxed_md5_checks():
         yield
     finally:
         cifar.check_integrity, flowers.check_integrity = saved
+
+
+# --------------------------------------------------------------------------- class-incremental benchmarks
+def make_fake_cifar100_root(root: str, train_per_class: int = 2, test_per_class: int = 1, seed: int = 0) -> None:
+    """A fake ``root/cifar-100-python`` with every class present (``train_per_class`` / ``test_per_class``
+    random 32x32 images each). torchvision md5-checks CIFAR100: read it inside
+    ``relaxed_md5_checks()``."""
+    rng = np.random.default_rng(seed)
+    names = classnames("CIFAR100")
+    d = os.path.join(root, "cifar-100-python")
+    os.makedirs(d, exist_ok=True)
+    for split, per in (("train", train_per_class), ("test", test_per_class)):
+        labels = [c for c in range(len(names)) for _ in range(per)]
+        labels = [labels[i] for i in rng.permutation(len(labels))]
+        entry = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "fine_labels": labels,
+                 "coarse_labels": [0] * len(labels)}
+        with open(os.path.join(d, split), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(d, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [n.replace(" ", "_") for n in names], "coarse_label_names": ["x"] * 20}, f)
+
+
+def make_fake_tiny_imagenet_root(root: str, wnids: Optional[Sequence[str]] = None, train_per_class: int = 2,
+                                 test_per_class: int = 1, seed: int = 0, size: int = 16) -> List[str]:
+    """A fake ``root/tiny-imagenet-200`` in the standard layout; returns its wnids. By default 200 real
+    ImageNet wnids (the first 200 of a seeded permutation of ImageNet's), so names map to CLIP's."""
+    rng = np.random.default_rng(seed)
+    if wnids is None:
+        all_w = imagenet_wnids()
+        wnids = [all_w[i] for i in sorted(rng.permutation(len(all_w))[:200])]
+    base = os.path.join(root, "tiny-imagenet-200")
+    os.makedirs(os.path.join(base, "val", "images"), exist_ok=True)
+    listed = list(wnids)
+    rng.shuffle(listed)                    # wnids.txt is not sorted in the real archive either
+    with open(os.path.join(base, "wnids.txt"), "w") as f:
+        f.write("".join(w + "\n" for w in listed))
+    with open(os.path.join(base, "words.txt"), "w") as f:
+        f.write("".join(f"{w}\tthing {w[1:]}, other name\n" for w in wnids))
+
+    def save(path):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
+
+    for w in wnids:
+        d = os.path.join(base, "train", w, "images")
+        os.makedirs(d, exist_ok=True)
+        for k in range(train_per_class):
+            save(os.path.join(d, f"{w}_{k}.JPEG"))
+    lines, k = [], 0
+    for w in wnids:
+        for _ in range(test_per_class):
+            name = f"val_{k}.JPEG"
+            save(os.path.join(base, "val", "images", name))
+            lines.append(f"{name}\t{w}\t0\t0\t{size - 1}\t{size - 1}\n")
+            k += 1
+    lines = [lines[i] for i in rng.permutation(len(lines))]
+    with open(os.path.join(base, "val", "val_annotations.txt"), "w") as f:
+        f.write("".join(lines))
+    return list(wnids)
