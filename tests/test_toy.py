@@ -116,3 +116,24 @@ def test_pretraining_is_cached_by_config(tmp_path, monkeypatch):
     m = create_clip("toy-vit-test", None).model
     m.load_state_dict(read_state_dict(p1))
     assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == sorted([p1.name, p2.name])
+
+
+def test_the_pretrained_toy_clip_keeps_its_cache_key():
+    # The key names the cached file: a new key pre-trains the tiny CLIP again (and may change the tiny
+    # preset's table); it must change only with the world, the pre-training config, the architecture or the vocabulary.
+    assert toy.pretrain_key(toy.ToyPretrainConfig()) == "ac436d2d063f45f8"
+    assert toy.pretrain_key(toy.ToyPretrainConfig(model_name="toy-vit-test")) == "880f47ece2d40cce"
+
+
+def test_pretraining_keeps_its_learning_rates():
+    # The pre-training's own rule (warm-up times a cosine over all steps), bit for bit: the cached weights
+    # were trained with it and the cache key does not record it.
+    import math
+
+    from gift_fast.schedule import warmup_times_cosine_lr
+
+    cfg = toy.ToyPretrainConfig()
+    lr = warmup_times_cosine_lr(cfg.lr, cfg.warmup, cfg.steps)
+    for step in range(cfg.steps):
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        assert lr(step) == cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))

@@ -27,12 +27,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
@@ -59,8 +62,6 @@ class DistillSet:
 
 def _resize_center_crop(img, size: int) -> np.ndarray:
     """CLIP's eval geometry on a PIL image: shorter side to ``size`` (bicubic), centre crop; uint8 HWC."""
-    from PIL import Image
-
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
@@ -73,11 +74,6 @@ def _resize_center_crop(img, size: int) -> np.ndarray:
 
 
 def _read_images(paths: Sequence[Path], size: int, progress: bool, desc: str) -> np.ndarray:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     def load(p: Path) -> np.ndarray:
         try:
             with Image.open(p) as im:
@@ -317,6 +313,8 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
 
 def synthetic_fingerprint(root: str | os.PathLike, task_name: str) -> dict:
     """sha256 of ``<root>/<task>_Syn``'s manifest.json and image_text.csv (what a resume compares)."""
+    # local: the fingerprint's home is the run folder's module (which may read this one); a data module does not
+    # depend on it at import
     from gift_fast.run_folder import synthetic_fingerprint as fingerprint
 
     return fingerprint(root, task_name)

@@ -13,8 +13,8 @@ when it decodes completely and its provenance matches what this run would
 generate; everything else (missing, truncated, corrupt, other prompt or seed) is
 generated again. ``image_text.csv`` is written last, only when all n images are
 there: its presence means the task folder is complete. All files are written to a
-temporary name and renamed (``os.replace``), so an interrupted run leaves no
-half-written file under a final name.
+temporary name, fsynced and renamed (``os.replace``; ``gift_fast.files``), so an interrupted
+run leaves no half-written file under a final name.
 
 Image i's seed follows the run's seed scheme (``seed_for``: ``"hash"``, the default, or
 ``"authors"``, the authors' ``txt2img.py`` seeds; docs/PROTOCOL_PROMPTS.md). Black images

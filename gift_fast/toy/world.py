@@ -70,7 +70,7 @@ class Scene:
 @lru_cache(maxsize=1)
 def _digit_glyphs() -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (1,797 images by 43 writers) in [0, 1], and their labels."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits   # local: scikit-learn takes a second to import
 
     d = load_digits()
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
