@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from gift_fast.data import toy
+from gift_fast import toy
+from gift_fast.toy.pretrain import _match_matrix
 
 
 def test_render_is_deterministic_and_covers_the_world():
@@ -41,7 +42,7 @@ def test_captions_and_prompt_parsing():
 def test_match_matrix_marks_every_image_that_fits_a_caption():
     scenes = [toy.Scene("red", "circle", "dots"), toy.Scene("red", "square", "plain"), toy.Scene("blue", "circle", "dots")]
     parts = [("colour",), ("obj",), ("colour", "obj")]
-    M = toy._match_matrix(parts, scenes)
+    M = _match_matrix(parts, scenes)
     assert M.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
 
 
@@ -110,7 +111,8 @@ def test_pretraining_is_cached_by_config(tmp_path, monkeypatch):
                                                                             steps=3, batch_size=16, warmup=1),
                                       progress=False)
     assert p2 != p1
-    from gift_fast.models import checkpoint_metadata, create_clip, read_state_dict
+    from gift_fast.checkpoints import checkpoint_metadata, read_state_dict
+    from gift_fast.models import create_clip
 
     assert checkpoint_metadata(p1)["toy_pretrain"]["steps"] == 2
     m = create_clip("toy-vit-test", None).model
