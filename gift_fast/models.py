@@ -34,19 +34,20 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from gift_fast.checkpoints import (ARCHITECTURE_KEY, activation_name, architecture_options,  # noqa: F401
-                                   atomic_save_safetensors, check_state_dict, checkpoint_architecture,
-                                   checkpoint_metadata, load_weights, read_state_dict, save_model, state_dict_fp32)
-from gift_fast.files import append_text_line, atomic_write_text, write_error  # noqa: F401  (old home)
+from gift_fast.checkpoints import activation_name, architecture_options, checkpoint_architecture, load_weights
 from gift_fast.toy.clip import TINY_MODEL_CONFIGS, build_tiny_clip, is_tiny, toy_clip_tokenizer
 from gift_fast.toy.pretrain import pretrained_toy_clip_path
 
-# (old home) of the checkpoint functions above, used by create_clip too: gift_fast.checkpoints; of the tiny
-# CLIPs: gift_fast.toy.clip. The toy CLIP's word tokenizer was called tiny_tokenizer here:
-tiny_tokenizer = toy_clip_tokenizer   # (old home)
+# (old home) of names that moved: checkpoint files to gift_fast.checkpoints, the writers to gift_fast.files; the
+# toy CLIP's word tokenizer was called tiny_tokenizer here (gift_fast.toy.clip.toy_clip_tokenizer).
+from gift_fast.checkpoints import (ARCHITECTURE_KEY, atomic_save_safetensors, check_state_dict,  # noqa: E402,F401
+                                   checkpoint_metadata, read_state_dict, save_model, state_dict_fp32)
+from gift_fast.files import append_text_line, atomic_write_text, write_error  # noqa: E402,F401
+tiny_tokenizer = toy_clip_tokenizer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class ClipBundle:

@@ -25,7 +25,6 @@ the paper: distillation on ImageNet images instead of synthetic ones).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from gift_fast.files import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
@@ -115,15 +116,6 @@ class SyntheticFolderMismatch(ValueError):
     """A synthetic folder was made for another task sequence (order) than the run's."""
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _image_index(value: str) -> Optional[int]:
     name = str(value).replace("\\", "/").rsplit("/", 1)[-1]
     stem = name.rsplit(".", 1)[0]
@@ -173,9 +165,9 @@ def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Opt
         return
     folder = synthetic_folder(root, task_name)
     t = list(sequence).index(task_name)
-    fix = (f"Synthesize this sequence's own folder (gift-fast synth --order N / --task-file, --out DIR) and "
-           f"pass that to --synth")
-    tm = _read_json(folder / "manifest.json") or {}
+    fix = ("Synthesize this sequence's own folder (gift-fast synth --order N / --task-file, --out DIR) and "
+           "pass that to --synth")
+    tm = read_json(folder / "manifest.json") or {}
     if isinstance(tm.get("pool_tasks"), list):
         exclude = set(tm.get("pool_exclude") or [])
         want = [n for n in sequence[:t] if n not in exclude]
@@ -186,7 +178,7 @@ def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Opt
                 f"classes of {tm['pool_tasks'] or 'no earlier task'} (sequence {made}), but in this run "
                 f"{task_name} follows {want or 'no earlier task'}. {fix}")
         return
-    rm = _read_json(Path(root) / "manifest.json") or {}
+    rm = read_json(Path(root) / "manifest.json") or {}
     order = rm.get("order")
     if isinstance(order, list) and task_name in order:
         before = order[:order.index(task_name)]
@@ -237,7 +229,7 @@ def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: i
         raise FileNotFoundError(
             f"{csv_path} is missing: the synthetic folder of {task_name!r} is incomplete (the engine writes the "
             f"CSV last). Run `gift-fast synth` again with the same arguments to finish it")
-    if (_read_json(folder / "manifest.json") or {}).get("prompts_only"):
+    if (read_json(folder / "manifest.json") or {}).get("prompts_only"):
         raise FileNotFoundError(
             f"{folder} holds prompts only (gift-fast synth --prompts-only): generate its images with "
             f"`gift-fast synth --prompts-from {root} --out OTHER_DIR ...` or rerun gift-fast synth without "

@@ -221,7 +221,8 @@ def random_pipeline(arch: str = "tiny", *, device=None, dtype=None, seed: int = 
             torch.cuda.set_rng_state(cuda_state, device)
     scheduler = PNDMScheduler(**(scheduler_config or SD15_SCHEDULER_CONFIG))
     feature_extractor = None
-    if safety_checker is not None:  # the pipeline insists on one next to a checker: CLIP's defaults (224, CLIP mean/std)
+    # the pipeline insists on a feature extractor next to a safety checker: CLIP's defaults (224, CLIP mean/std)
+    if safety_checker is not None:
         from transformers import CLIPImageProcessor
         feature_extractor = CLIPImageProcessor()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
