@@ -1,20 +1,21 @@
-"""CLIP models: open_clip loading, tokenizers, tiny configs, checkpoints.
+"""Loading CLIPs: open_clip architectures, local checkpoints and the toy world's tiny CLIPs.
 
 ``create_clip(model_name, pretrained)`` is the one way the project builds a CLIP:
 
 * any open_clip architecture with a pretrained tag (``"ViT-B-16", "openai"``, the
   paper's backbone) or a local checkpoint file (``pretrained="/path/ckpt.pt"`` or
   ``.safetensors``), through ``open_clip.create_model_and_transforms``;
-* the tiny architectures of ``TINY_MODEL_CONFIGS`` (the toy world's CLIP of the
-  tiny preset and the tests), built from their config with the toy world's
+* the tiny architectures of ``TINY_MODEL_CONFIGS`` (``gift_fast.toy.clip``: the toy world's
+  CLIP of the tiny preset and the tests), built from their config with the toy world's
   word-level tokenizer; ``pretrained="toy"`` gives the tiny CLIP pre-trained on
-  the toy world (trained on first use, then cached; see ``gift_fast.data.toy``).
+  the toy world (trained on first use, then cached; see ``gift_fast.toy.pretrain``).
 
 The model is kept in float32 (master weights); bf16 runs use autocast.
 ``logit_scale`` is frozen (docs/METHOD.md: ``s`` stays at its pre-trained value).
+Checkpoint files (``save_model``, ``load_weights``, ...) are ``gift_fast.checkpoints``.
 
-Architecture options (``architecture_options``): what a state dict alone does not say
-but the function depends on; today the activation of the transformer MLPs. OpenAI's
+Architecture options (``gift_fast.checkpoints.architecture_options``): what a state dict alone does
+not say but the function depends on; today the activation of the transformer MLPs. OpenAI's
 CLIP weights were trained with QuickGELU (``x * sigmoid(1.702 x)``); open_clip's plain
 architecture names (``ViT-B-16``) build nn.GELU, its ``-quickgelu`` names
 (``ViT-B-16-quickgelu``) and the ``openai`` tag build QuickGELU. ``save_model`` records
@@ -26,36 +27,26 @@ or ``quick_gelu=True``.
 """
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from gift_fast.files import append_text_line, atomic_write_text, write_error  # noqa: F401  (old home)
+from gift_fast.checkpoints import activation_name, architecture_options, checkpoint_architecture, load_weights
+from gift_fast.toy.clip import TINY_MODEL_CONFIGS, build_tiny_clip, is_tiny, toy_clip_tokenizer
+from gift_fast.toy.pretrain import pretrained_toy_clip_path
+
+# (old home) of names that moved: checkpoint files to gift_fast.checkpoints, the writers to gift_fast.files; the
+# toy CLIP's word tokenizer was called tiny_tokenizer here (gift_fast.toy.clip.toy_clip_tokenizer).
+from gift_fast.checkpoints import (ARCHITECTURE_KEY, atomic_save_safetensors, check_state_dict,  # noqa: E402,F401
+                                   checkpoint_metadata, read_state_dict, save_model, state_dict_fp32)
+from gift_fast.files import append_text_line, atomic_write_text, write_error  # noqa: E402,F401
+tiny_tokenizer = toy_clip_tokenizer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Tiny architectures built in code (open_clip.model.CLIP(embed_dim, vision_cfg, text_cfg)).
-# The text tower's vocabulary is the toy world's (gift_fast.data.toy.ToyTokenizer).
-TINY_MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
-    "toy-vit": dict(
-        embed_dim=64,
-        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=32, mlp_ratio=2.0),
-        text_cfg=dict(context_length=16, width=64, heads=2, layers=2, mlp_ratio=2.0),
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-    ),
-    # for unit tests: the same inputs, a fraction of the compute
-    "toy-vit-test": dict(
-        embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16, mlp_ratio=2.0),
-        text_cfg=dict(context_length=16, width=32, heads=2, layers=1, mlp_ratio=2.0),
-        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-    ),
-}
 
 
 @dataclass
@@ -72,63 +63,6 @@ class ClipBundle:
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
-
-
-def is_tiny(model_name: str) -> bool:
-    return model_name in TINY_MODEL_CONFIGS
-
-
-def tiny_tokenizer(model_name: str):
-    from gift_fast.data.toy import ToyTokenizer
-
-    return ToyTokenizer(context_length=TINY_MODEL_CONFIGS[model_name]["text_cfg"]["context_length"])
-
-
-def build_tiny_clip(model_name: str = "toy-vit", quick_gelu: bool = False) -> torch.nn.Module:
-    """A randomly initialised tiny CLIP (uses torch's global RNG: seed it for reproducibility);
-    ``quick_gelu``: QuickGELU instead of nn.GELU in the transformer MLPs."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    if model_name not in TINY_MODEL_CONFIGS:
-        raise ValueError(f"unknown tiny model {model_name!r}; known: {', '.join(TINY_MODEL_CONFIGS)}")
-    cfg = TINY_MODEL_CONFIGS[model_name]
-    text_cfg = dict(cfg["text_cfg"])
-    text_cfg["vocab_size"] = tiny_tokenizer(model_name).vocab_size
-    return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
-                text_cfg=CLIPTextCfg(**text_cfg), quick_gelu=bool(quick_gelu))
-
-
-# --------------------------------------------------------------------------- architecture options
-ARCHITECTURE_KEY = "architecture"     # the safetensors metadata entry save_model writes
-
-
-def activation_name(quick_gelu: bool) -> str:
-    return "quick_gelu" if quick_gelu else "gelu"
-
-
-def architecture_options(model: torch.nn.Module) -> Dict[str, Any]:
-    """What a checkpoint of ``model`` must record to be rebuilt as the same function:
-    ``{"quick_gelu": bool}`` (QuickGELU or nn.GELU in the transformer MLPs), read from the
-    modules themselves. A model with neither activation (e.g. a timm tower) gives ``{}``."""
-    from open_clip.transformer import QuickGELU
-
-    kinds = {type(m) for m in model.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
-    if not kinds:
-        return {}
-    if len(kinds) > 1:
-        raise ValueError(f"the model mixes activations {sorted(k.__name__ for k in kinds)}: its checkpoint "
-                         f"cannot record one quick_gelu option")
-    return {"quick_gelu": kinds == {QuickGELU}}
-
-
-def checkpoint_architecture(path: str | Path) -> Optional[Dict[str, Any]]:
-    """The architecture options a safetensors checkpoint recorded (``save_model``), or None when it
-    recorded none (not a safetensors file, another tool's file, or a checkpoint older than the record)."""
-    if not str(path).endswith(".safetensors"):
-        return None
-    meta = checkpoint_metadata(path)
-    arch = meta.get(ARCHITECTURE_KEY)
-    return dict(arch) if isinstance(arch, dict) else None
 
 
 def _resolve_quick_gelu(model_name: str, pretrained: Optional[str], quick_gelu: Optional[bool],
@@ -183,8 +117,6 @@ def create_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "opena
     if is_tiny(model_name):
         cfg = TINY_MODEL_CONFIGS[model_name]
         if pretrained == "toy":
-            from gift_fast.data.toy import pretrained_toy_clip_path
-
             path = pretrained_toy_clip_path(model_name)
             qg, _ = _resolve_quick_gelu(model_name, str(path), quick_gelu, checkpoint_architecture(path))
             model = build_tiny_clip(model_name, qg)
@@ -197,7 +129,7 @@ def create_clip(model_name: str = "ViT-B-16", pretrained: Optional[str] = "opena
             qg, _ = _resolve_quick_gelu(model_name, pretrained, quick_gelu, checkpoint_architecture(pretrained))
             model = build_tiny_clip(model_name, qg)
             load_weights(model, pretrained)
-        bundle = ClipBundle(model, tiny_tokenizer(model_name), cfg["vision_cfg"]["image_size"],
+        bundle = ClipBundle(model, toy_clip_tokenizer(model_name), cfg["vision_cfg"]["image_size"],
                             tuple(cfg["image_mean"]), tuple(cfg["image_std"]), model_name, pretrained, info)
     else:
         bundle = _create_open_clip(model_name, pretrained, cache_dir, quick_gelu)
@@ -234,8 +166,6 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
             # Our own checkpoints (and other plain state dicts): build, then load with shape checks.
             own_safetensors, pretrained = pretrained, None
         if recorded is None and quick_gelu is None and not model_name.lower().endswith("-quickgelu"):
-            import warnings
-
             fix = (f"use --model {model_name}-quickgelu" if f"{model_name}-quickgelu" in known
                    else "pass quick_gelu=True to gift_fast.models.create_clip")
             warnings.warn(f"{own_safetensors or pretrained} does not record its activation: building {model_name!r} "
@@ -253,6 +183,7 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
                              f"is empty, truncated or not an open_clip checkpoint of this model") from None
         if not isinstance(e, RuntimeError):
             raise
+        # local: preflight imports this module back (is_tiny) until it takes it from gift_fast.toy.clip
         from gift_fast.preflight import ModelUnavailable
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise ModelUnavailable(
@@ -268,116 +199,6 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
     std = tuple(getattr(model.visual, "image_std", None) or OPENAI_STD)
     return ClipBundle(model, tokenizer, image_size, mean, std, model_name, own_safetensors or pretrained,
                       {"preprocess_val": preprocess_val})
-
-
-# --------------------------------------------------------------------------- checkpoints
-def state_dict_fp32(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's state dict, contiguous, detached, on the CPU."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: str | Path,
-                            metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write a safetensors file atomically (tmp file + fsync + os.replace)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, e) from None
-    except Exception as e:               # safetensors reports a failed write as its own error type
-        tmp.unlink(missing_ok=True)
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise write_error(path, OSError(str(e))) from None
-    return path
-
-
-def save_model(model: torch.nn.Module, path: str | Path, metadata: Optional[Dict[str, Any]] = None) -> Path:
-    """The model state as safetensors (atomic); ``metadata`` is stored as JSON strings, with the
-    model's ``architecture_options`` under ``"architecture"`` (what ``create_clip`` rebuilds it with)."""
-    metadata = dict(metadata or {})
-    metadata.setdefault(ARCHITECTURE_KEY, architecture_options(model))
-    meta = {k: json.dumps(v) for k, v in metadata.items()}
-    return atomic_save_safetensors(state_dict_fp32(model), path, metadata=meta)
-
-
-def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
-    path = str(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    fix = ("it is empty, truncated or not a checkpoint: pass an intact .safetensors state dict or an open_clip "
-           "checkpoint (a run's checkpoints/*.safetensors)")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"checkpoint {path} is an empty file: {fix}")
-    # open_clip's reader: safetensors or torch.load(weights_only=True), unwraps {"state_dict": ...}
-    # and strips DataParallel's "module." (tests/test_models.py checks these rules on real files)
-    from open_clip.factory import load_state_dict as open_clip_load_state_dict
-
-    try:
-        state = open_clip_load_state_dict(path, device="cpu", weights_only=True)
-    except StopIteration:        # an empty state dict (open_clip looks at its first key)
-        return {}
-    except AttributeError as e:  # not a mapping (a tensor, a list...)
-        raise ValueError(f"{path!r} does not hold a state dict ({e})") from None
-    except Exception as e:       # a damaged file (SafetensorError, a short read, a pickle torch refuses)
-        # (torch's own message for a pickle it refuses suggests weights_only=False: never do that for a file
-        # of unknown origin, so it is not repeated here)
-        what = "safetensors file" if path.endswith(".safetensors") else "PyTorch state dict"
-        raise ValueError(f"checkpoint {path} cannot be read as a {what} ({type(e).__name__}): {fix}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__})")
-    return dict(state)
-
-
-def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise a clear error when ``state`` does not fit ``model``'s architecture."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(own) - set(theirs))
-    unexpected = sorted(set(theirs) - set(own))
-    wrong = sorted(k for k in set(own) & set(theirs) if own[k] != theirs[k])
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not fit this model's architecture (is it a checkpoint of another model? "
-                 f"pick the matching --model):"]
-        if wrong:
-            lines.append("  shape mismatch: " + ", ".join(f"{k} {theirs[k]} vs model {own[k]}" for k in wrong[:5]))
-        if missing:
-            lines.append(f"  missing {len(missing)} tensors, e.g. {missing[:5]}")
-        if unexpected:
-            lines.append(f"  unexpected {len(unexpected)} tensors, e.g. {unexpected[:5]}")
-        raise ValueError("\n".join(lines))
-
-
-@torch.no_grad()
-def load_weights(model: torch.nn.Module, path_or_state) -> None:
-    """Load a state dict (path or dict) into ``model`` after checking that every tensor fits."""
-    if isinstance(path_or_state, (str, Path)):
-        state, source = read_state_dict(path_or_state), f"checkpoint {str(path_or_state)!r}"
-    else:
-        state, source = path_or_state, "state dict"
-    check_state_dict(model, state, source)
-    model.load_state_dict(state, strict=True)
-
-
-def checkpoint_metadata(path: str | Path) -> Dict[str, Any]:
-    """The JSON metadata a safetensors checkpoint was saved with."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as e:               # SafetensorError: an empty, truncated or foreign file
-        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({e}): it is empty, truncated or "
-                         f"not a checkpoint; pass an intact .safetensors state dict") from None
-    return {k: json.loads(v) for k, v in meta.items()}
 
 
 __all__ = ["ClipBundle", "create_clip", "build_tiny_clip", "TINY_MODEL_CONFIGS", "is_tiny", "save_model",

@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
-from gift_fast.models import (architecture_options, atomic_save_safetensors, build_tiny_clip, check_state_dict,
-                              checkpoint_metadata, create_clip, load_weights, read_state_dict, save_model)
+from gift_fast.checkpoints import (architecture_options, atomic_save_safetensors, check_state_dict,
+                                   checkpoint_metadata, load_weights, read_state_dict, save_model)
+from gift_fast.models import create_clip
+from gift_fast.toy.clip import build_tiny_clip
 
 
 def test_tiny_model_builds_with_frozen_logit_scale_and_toy_tokenizer():

@@ -116,7 +116,7 @@ def test_vit_b16_openai_and_sd15_offline_end_to_end(tmp_path):
     assert config["model"]["activation"] == "quick_gelu" and config["model"]["pretrained"] == "openai"
     state = json.loads((run / "state.json").read_text())
     ckpt = run / state["checkpoints"][-1]
-    from gift_fast.models import checkpoint_metadata
+    from gift_fast.checkpoints import checkpoint_metadata
     assert checkpoint_metadata(ckpt)["architecture"] == {"quick_gelu": True}
 
     # 3. evaluate the reloaded checkpoint in a new process: the run's numbers, exactly

@@ -119,8 +119,9 @@ def test_synthetic_fingerprint_follows_manifest_and_csv(tmp_path):
 
 # ----------------------------------------------------------------------------- the cached toy CLIP
 def test_a_truncated_cached_toy_clip_is_rebuilt(tmp_path, monkeypatch):
-    from gift_fast.data.toy import ToyPretrainConfig, pretrained_toy_clip_path
-    from gift_fast.models import build_tiny_clip, load_weights
+    from gift_fast.checkpoints import load_weights
+    from gift_fast.toy.clip import build_tiny_clip
+    from gift_fast.toy.pretrain import ToyPretrainConfig, pretrained_toy_clip_path
 
     monkeypatch.setenv("GIFT_FAST_CACHE", str(tmp_path))
     cfg = ToyPretrainConfig(model_name="toy-vit-test", images=64, steps=2, batch_size=16, warmup=1)

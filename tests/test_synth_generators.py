@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gift_fast.synth.generators import (StableDiffusionGenerator, resolve_dtype, tiny_pipeline, tiny_tokenizer,
+from gift_fast.synth.generators import (StableDiffusionGenerator, resolve_dtype, tiny_pipeline, tiny_sd_tokenizer,
                                         xformers_cuda_works)
 
 PROMPTS = ["a photo of a tench.", "a photo of a goldfish.", "a photo of a tench.", "a photo of a wok."]
@@ -189,7 +189,7 @@ def test_from_pretrained_local_folder_and_clear_errors(tmp_path):
 
 
 def test_tiny_tokenizer_is_a_clip_tokenizer():
-    tok = tiny_tokenizer()
+    tok = tiny_sd_tokenizer()
     ids = tok(["a photo of a tench."], padding="max_length", max_length=77, truncation=True).input_ids[0]
     assert len(ids) == 77 and ids[0] == tok.bos_token_id and max(ids) < 49408
     assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "aphotoofatench."

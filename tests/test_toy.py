@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from gift_fast.data import toy
+from gift_fast import toy
+from gift_fast.toy.pretrain import _match_matrix
 
 
 def test_render_is_deterministic_and_covers_the_world():
@@ -41,7 +42,7 @@ def test_captions_and_prompt_parsing():
 def test_match_matrix_marks_every_image_that_fits_a_caption():
     scenes = [toy.Scene("red", "circle", "dots"), toy.Scene("red", "square", "plain"), toy.Scene("blue", "circle", "dots")]
     parts = [("colour",), ("obj",), ("colour", "obj")]
-    M = toy._match_matrix(parts, scenes)
+    M = _match_matrix(parts, scenes)
     assert M.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
 
 
@@ -110,9 +111,31 @@ def test_pretraining_is_cached_by_config(tmp_path, monkeypatch):
                                                                             steps=3, batch_size=16, warmup=1),
                                       progress=False)
     assert p2 != p1
-    from gift_fast.models import checkpoint_metadata, create_clip, read_state_dict
+    from gift_fast.checkpoints import checkpoint_metadata, read_state_dict
+    from gift_fast.models import create_clip
 
     assert checkpoint_metadata(p1)["toy_pretrain"]["steps"] == 2
     m = create_clip("toy-vit-test", None).model
     m.load_state_dict(read_state_dict(p1))
     assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == sorted([p1.name, p2.name])
+
+
+def test_the_pretrained_toy_clip_keeps_its_cache_key():
+    # The key names the cached file: a new key pre-trains the tiny CLIP again (and may change the tiny
+    # preset's table); it must change only with the world, the pre-training config, the architecture or the vocabulary.
+    assert toy.pretrain_key(toy.ToyPretrainConfig()) == "ac436d2d063f45f8"
+    assert toy.pretrain_key(toy.ToyPretrainConfig(model_name="toy-vit-test")) == "880f47ece2d40cce"
+
+
+def test_pretraining_keeps_its_learning_rates():
+    # The pre-training's own rule (warm-up times a cosine over all steps), bit for bit: the cached weights
+    # were trained with it and the cache key does not record it.
+    import math
+
+    from gift_fast.schedule import warmup_times_cosine_lr
+
+    cfg = toy.ToyPretrainConfig()
+    lr = warmup_times_cosine_lr(cfg.lr, cfg.warmup, cfg.steps)
+    for step in range(cfg.steps):
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        assert lr(step) == cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))

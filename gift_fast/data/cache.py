@@ -58,13 +58,19 @@ Two ways to read it:
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import glob
 import hashlib
+import io
 import json
 import math
 import os
 import queue
+import shutil
+import tempfile
 import threading
+import time
 import warnings
 import zlib
 from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
@@ -72,6 +78,9 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gift_fast.files import atomic_write_bytes, atomic_write_text
 
 # 2: the "train-crop" layout and its geometry file (caches of version 1 are not read: rebuilt, with a warning)
 CACHE_FORMAT_VERSION = 2
@@ -304,6 +313,13 @@ def _row_checksum(row: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(row)).cast("B"))
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """The bytes ``np.save`` writes for ``array`` (a small side file of the cache, written atomically)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -317,8 +333,6 @@ def _pid_alive(pid: int) -> bool:
 def check_free_space(folder: str, need_bytes: int, what: str, margin: float = 1.05) -> None:
     """Refuse to start a cache file that cannot fit: writes through a memory map into a full disk
     kill the process with SIGBUS (no Python error, nothing saved), so check before writing."""
-    import shutil
-
     free = shutil.disk_usage(folder).free
     if free < need_bytes * margin:
         gb = lambda b: f"{b / 2 ** 30:.1f} GB"  # noqa: E731
@@ -459,11 +473,13 @@ class CachedImageDataset(Dataset):
 
     # -- building
     def _clean_stale_tmp(self) -> None:
+        """Remove the tmp files of this cache that a killed build left: the images' ``<name>.tmp-<pid>`` and
+        ``files.tmp_path``'s ``.<name>.tmp-<pid>-<thread>`` (only those of processes that no longer run)."""
         prefix = os.path.basename(self.meta_path)[: -len(".json")]
         for entry in os.listdir(self.cache_dir):
-            if entry.startswith(prefix) and ".tmp-" in entry:
+            if entry.lstrip(".").startswith(prefix) and ".tmp-" in entry:
                 try:
-                    pid = int(entry.rsplit(".tmp-", 1)[1])
+                    pid = int(entry.rsplit(".tmp-", 1)[1].split("-")[0])
                 except ValueError:
                     continue
                 if pid != os.getpid() and not _pid_alive(pid):
@@ -473,7 +489,6 @@ class CachedImageDataset(Dataset):
                         pass
 
     def _build(self, source: Dataset, key_parts, num_workers, batch_size, progress) -> None:
-        from tqdm.auto import tqdm
         self._clean_stale_tmp()
         n, s, L = len(source), self.image_size, self.width
         if n == 0:
@@ -481,12 +496,11 @@ class CachedImageDataset(Dataset):
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1) if n > 256 else 0
         check_free_space(self.cache_dir, n * 3 * s * L + 56 * n, what=f"caching {self.name} ({n} images at {s}px)")
-        tag = f".tmp-{os.getpid()}"
-        tmp_images, tmp_labels, tmp_meta = self.images_path + tag, self.labels_path + tag, self.meta_path + tag
-        tmp_crc = self.crc_path + tag
-        tmp_geometry = self.geometry_path + tag
+        # The images go to a memory-mapped .npy of their own tmp name (the finished file is this one, renamed); the
+        # small files after them go through files.atomic_write_*, the metadata last: its presence marks a finished
+        # cache, so a build killed at any point leaves none (``_validate`` says "absent" or what is wrong).
+        tmp_images = self.images_path + f".tmp-{os.getpid()}"
         try:
-            # A .npy from the start, so that the finished file is this one, renamed.
             images = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, 3, s, L))
             labels = np.empty(n, dtype=np.int64)
             geometry = np.zeros((n, 6), dtype=np.int64)
@@ -507,32 +521,22 @@ class CachedImageDataset(Dataset):
                     bar.update(len(x))
             if pos != n:
                 raise RuntimeError(f"the source yielded {pos} images, but len() says {n}")
-            images.flush()
+            images.flush()             # (msync: on disk before the rename)
             last_crc = _row_checksum(images[n - 1]) if n else 0
             del images
-            with open(tmp_labels, "wb") as f:
-                np.save(f, labels)
-            with open(tmp_crc, "wb") as f:
-                np.save(f, crc)
-            if self.layout == "train-crop":
-                with open(tmp_geometry, "wb") as f:
-                    np.save(f, geometry)
             meta = {"version": CACHE_FORMAT_VERSION, "key": self.key, "n": n, "image_size": s, "layout": self.layout,
                     "transform": transform_description(s, self.layout), "key_parts": key_parts,
                     "last_row_crc32": last_crc, "labels_sha256": labels_fingerprint(labels)}
-            with open(tmp_meta, "w") as f:
-                json.dump(meta, f, indent=1, default=str)
             os.replace(tmp_images, self.images_path)
-            os.replace(tmp_labels, self.labels_path)
+            atomic_write_bytes(self.labels_path, _npy_bytes(labels))
             if self.layout == "train-crop":
-                os.replace(tmp_geometry, self.geometry_path)
-            os.replace(tmp_crc, self.crc_path)
-            os.replace(tmp_meta, self.meta_path)      # last: its presence marks a finished cache
+                atomic_write_bytes(self.geometry_path, _npy_bytes(geometry))
+            atomic_write_bytes(self.crc_path, _npy_bytes(crc))
+            atomic_write_text(self.meta_path, json.dumps(meta, indent=1, default=str))   # last: the finished mark
             self.built = True
         finally:
-            for p in (tmp_images, tmp_labels, tmp_meta, tmp_geometry, tmp_crc):
-                if os.path.exists(p):
-                    os.remove(p)
+            if os.path.exists(tmp_images):
+                os.remove(tmp_images)
 
     # -- access
     def __len__(self) -> int:
@@ -680,10 +684,6 @@ def _collate_uint8(batch):
 def _bench(argv=None) -> None:
     """``python -m gift_fast.data.cache --bench``: read throughput of a synthetic cache (no data set
     needed): the uint8 gather alone, and ``iter_batches`` to the device with normalization there."""
-    import argparse
-    import contextlib
-    import tempfile
-    import time
     p = argparse.ArgumentParser(description=_bench.__doc__)
     p.add_argument("--bench", action="store_true", required=True)
     p.add_argument("--n", type=int, default=4096, help="images in the synthetic cache")

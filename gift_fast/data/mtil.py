@@ -17,12 +17,15 @@ import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
+import torch
 from torch.utils.data import Dataset
 
-from gift_fast.config import MTIL_TASKS
+from gift_fast.config import MTIL_TASKS, task_lr, task_order
+from gift_fast.data import mtil_metadata
 from gift_fast.data.base import TaskSpec
 from gift_fast.data.cache import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, CachedImageDataset, clip_eval_transform,
                                   clip_train_transform, files_fingerprint, labels_fingerprint)
+from gift_fast.files import atomic_write_text
 
 # Tasks whose class names the authors read from the data files (torchvision's ``classes``, "_" -> " "),
 # so ``check_classes`` can compare the data's own names. (The name is historical; the values are
@@ -53,27 +56,23 @@ def clean_classname(name: str, task: Optional[str] = None) -> str:
 
 def classnames(task: str) -> List[str]:
     """The class names of ``task`` in torchvision's label order, cleaned for prompts (a new list)."""
-    from gift_fast.data import mtil_metadata
     return list(mtil_metadata.CLASSNAMES[_check_task(task)])
 
 
 def templates(task: str) -> List[str]:
     """CLIP's zero-shot templates of ``task`` as "{}" format strings (a new list); the first is the
     one a single-prompt classifier uses."""
-    from gift_fast.data import mtil_metadata
     return list(mtil_metadata.TEMPLATES[_check_task(task)])
 
 
 def imagenet_classnames() -> List[str]:
     """CLIP's 1,000 cleaned ImageNet class names (the synthetic-data class pool; equal to
     open_clip's IMAGENET_CLASSNAMES, without importing open_clip)."""
-    from gift_fast.data import mtil_metadata
     return list(mtil_metadata.IMAGENET_CLASSNAMES)
 
 
 def imagenet_templates() -> List[str]:
     """CLIP's 80 ImageNet templates (open_clip's OPENAI_IMAGENET_TEMPLATES) as "{}" format strings."""
-    from gift_fast.data import mtil_metadata
     return list(mtil_metadata.IMAGENET_TEMPLATES)
 
 
@@ -298,7 +297,6 @@ def seeded_split(keys: Sequence[str], seed: int, train_fraction: float = DEFAULT
     system lists them in), then permuted exactly as ``torch.utils.data.random_split(range(n),
     [int(f * n), n - int(f * n)], generator=torch.Generator().manual_seed(seed))`` does: the
     convention of ZSCL's MTIL code (f = 0.8, seed 42). Each part is returned sorted by key."""
-    import torch
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     if len(set(keys)) != len(keys):
@@ -310,13 +308,6 @@ def seeded_split(keys: Sequence[str], seed: int, train_fraction: float = DEFAULT
     train = sorted((canonical[p] for p in perm[:n_train]), key=lambda i: keys[i])
     test = sorted((canonical[p] for p in perm[n_train:]), key=lambda i: keys[i])
     return train, test
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def open_splits(task: str, data_root: str, *, download: bool = False, split_seed: int = DEFAULT_SPLIT_SEED,
@@ -360,7 +351,7 @@ def open_splits(task: str, data_root: str, *, download: bool = False, split_seed
                     f"{len(train_idx)} / {len(test_idx)}): the files under {data_root} or the seed changed. "
                     f"Restore them, or start a new run folder.")
         else:
-            _write_json_atomic(path, record)
+            atomic_write_text(path, json.dumps(record, indent=1))
         split["record"] = path
     out = {name: IndexedSubset(pool, idx, [files[i] for i in idx], [labels[i] for i in idx])
            for name, idx in (("train", train_idx), ("test", test_idx))}
@@ -384,7 +375,6 @@ def build_task(task: str, data_root: str, *, image_size: int = 224,
     ``iter_batches`` give uint8 batches to normalize, and crop, on the GPU: the train split uses the
     ``"train-crop"`` layout); without, they decode per access.
     ``meta`` says how the data was split, the sizes, and whether it is cached."""
-    from gift_fast.config import task_lr
     _check_task(task)
     data_root = os.path.abspath(os.path.expanduser(str(data_root)))
     try:
@@ -424,7 +414,6 @@ def build_task(task: str, data_root: str, *, image_size: int = 224,
 
 def build_tasks(order_or_names: Union[int, str, Sequence[str]], data_root: str, **kw) -> List[TaskSpec]:
     """TaskSpecs of MTIL order 1 or 2, or of the named tasks, in that order (``kw`` as ``build_task``)."""
-    from gift_fast.config import task_order
     if isinstance(order_or_names, (int, str)) and str(order_or_names).strip() in ("1", "2"):
         names = task_order(int(order_or_names))
     elif isinstance(order_or_names, str):

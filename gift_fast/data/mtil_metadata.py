@@ -27,6 +27,8 @@ the first of the 80.
 Label order: every list is in the label order of the authors' (torchvision's) data set.
 """
 
+import importlib.util
+import os
 from typing import List
 
 SOURCES = {'GIFT_CL': {'repository': 'https://github.com/Luo-Jiaming/GIFT_CL',
@@ -1339,10 +1341,7 @@ IMAGENET_SYNTHETIC_TEMPLATE = "a photo of a {}."
 
 def _open_clip_zero_shot_metadata() -> dict:
     """open_clip's ``zero_shot_metadata`` module, run from its file: importing the open_clip
-    package costs seconds (torch, timm, transformers); this data file imports nothing."""
-    import importlib.util
-    import os
-
+    package costs seconds (torch, timm, transformers); this data file imports nothing of them."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("the ImageNet class names and templates come from open_clip: pip install open_clip_torch")

@@ -25,14 +25,18 @@ the paper: distillation on ImageNet images instead of synthetic ones).
 from __future__ import annotations
 
 import csv
-import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from gift_fast.files import read_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 
@@ -59,8 +63,6 @@ class DistillSet:
 
 def _resize_center_crop(img, size: int) -> np.ndarray:
     """CLIP's eval geometry on a PIL image: shorter side to ``size`` (bicubic), centre crop; uint8 HWC."""
-    from PIL import Image
-
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
@@ -73,11 +75,6 @@ def _resize_center_crop(img, size: int) -> np.ndarray:
 
 
 def _read_images(paths: Sequence[Path], size: int, progress: bool, desc: str) -> np.ndarray:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     def load(p: Path) -> np.ndarray:
         try:
             with Image.open(p) as im:
@@ -117,15 +114,6 @@ MIN_EXPECTED_DRAWS = 20
 
 class SyntheticFolderMismatch(ValueError):
     """A synthetic folder was made for another task sequence (order) than the run's."""
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _image_index(value: str) -> Optional[int]:
@@ -177,9 +165,9 @@ def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Opt
         return
     folder = synthetic_folder(root, task_name)
     t = list(sequence).index(task_name)
-    fix = (f"Synthesize this sequence's own folder (gift-fast synth --order N / --task-file, --out DIR) and "
-           f"pass that to --synth")
-    tm = _read_json(folder / "manifest.json") or {}
+    fix = ("Synthesize this sequence's own folder (gift-fast synth --order N / --task-file, --out DIR) and "
+           "pass that to --synth")
+    tm = read_json(folder / "manifest.json") or {}
     if isinstance(tm.get("pool_tasks"), list):
         exclude = set(tm.get("pool_exclude") or [])
         want = [n for n in sequence[:t] if n not in exclude]
@@ -190,7 +178,7 @@ def check_folder_sequence(root: str | os.PathLike, task_name: str, sequence: Opt
                 f"classes of {tm['pool_tasks'] or 'no earlier task'} (sequence {made}), but in this run "
                 f"{task_name} follows {want or 'no earlier task'}. {fix}")
         return
-    rm = _read_json(Path(root) / "manifest.json") or {}
+    rm = read_json(Path(root) / "manifest.json") or {}
     order = rm.get("order")
     if isinstance(order, list) and task_name in order:
         before = order[:order.index(task_name)]
@@ -241,7 +229,7 @@ def load_synthetic_set(root: str | os.PathLike, task_name: str, *, image_size: i
         raise FileNotFoundError(
             f"{csv_path} is missing: the synthetic folder of {task_name!r} is incomplete (the engine writes the "
             f"CSV last). Run `gift-fast synth` again with the same arguments to finish it")
-    if (_read_json(folder / "manifest.json") or {}).get("prompts_only"):
+    if (read_json(folder / "manifest.json") or {}).get("prompts_only"):
         raise FileNotFoundError(
             f"{folder} holds prompts only (gift-fast synth --prompts-only): generate its images with "
             f"`gift-fast synth --prompts-from {root} --out OTHER_DIR ...` or rerun gift-fast synth without "
@@ -317,6 +305,8 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
 
 def synthetic_fingerprint(root: str | os.PathLike, task_name: str) -> dict:
     """sha256 of ``<root>/<task>_Syn``'s manifest.json and image_text.csv (what a resume compares)."""
+    # local: the fingerprint's home is the run folder's module (which may read this one); a data module does not
+    # depend on it at import
     from gift_fast.run_folder import synthetic_fingerprint as fingerprint
 
     return fingerprint(root, task_name)

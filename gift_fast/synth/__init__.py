@@ -4,7 +4,8 @@
   template), ``sequence_prompts`` (the draws; hash or the authors' scheme), per-image seeds,
   sharding of image indices.
 * ``generators``: the ``ImageGenerator`` protocol, ``StableDiffusionGenerator`` (diffusers,
-  fast batched path) and the tiny random pipeline for tests / CI.
+  fast batched path) and the tiny random pipeline for tests / CI. The toy world's
+  ``ToyGenerator`` (``gift_fast.toy.generator``) implements the same protocol.
 * ``engine``: ``synthesize_task`` / ``synthesize_sequence`` (batches, black-image retries,
   resume, sharding, atomic writes, ``image_text.csv``, ``manifest.json``).
 

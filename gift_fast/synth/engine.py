@@ -13,8 +13,8 @@ when it decodes completely and its provenance matches what this run would
 generate; everything else (missing, truncated, corrupt, other prompt or seed) is
 generated again. ``image_text.csv`` is written last, only when all n images are
 there: its presence means the task folder is complete. All files are written to a
-temporary name and renamed (``os.replace``), so an interrupted run leaves no
-half-written file under a final name.
+temporary name, fsynced and renamed (``os.replace``; ``gift_fast.files``), so an interrupted
+run leaves no half-written file under a final name.
 
 Image i's seed follows the run's seed scheme (``seed_for``: ``"hash"``, the default, or
 ``"authors"``, the authors' ``txt2img.py`` seeds; docs/PROTOCOL_PROMPTS.md). Black images
@@ -45,6 +45,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from ..config import task_order
+from ..files import atomic_write_bytes, atomic_write_text, read_json, write_json  # write_json/read_json: (old home)
+from ..versions import gift_fast_version, package_versions
 from .prompts import (IMAGENET_SYNTHETIC_TEMPLATE, SEED_SCHEMES, PoolSource, imagenet_pool_source,
                       pool_source, pool_task_names, seed_for, sequence_prompts, shard_indices, task_pools)
 
@@ -71,34 +78,6 @@ class SynthError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------
 # small utilities
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> Optional[dict]:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            obj = json.load(f)
-        return obj if isinstance(obj, dict) else None
-    except (OSError, ValueError):
-        return None
-
 
 def check_writable(folder: Path) -> Path:
     """Create ``folder`` and prove we can write in it; a clear error otherwise."""
@@ -131,18 +110,11 @@ def _fingerprint(identity: Dict[str, Any]) -> str:
 
 
 def _versions() -> Dict[str, str]:
-    import platform
-    out = {"python": platform.python_version()}
-    for mod in ("torch", "diffusers", "transformers", "PIL", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    try:
-        from importlib.metadata import version
-        out["gift_fast"] = version("gift-fast")
-    except Exception:
-        pass
+    """What a manifest records: python and the packages images depend on, then gift-fast's own version."""
+    out = package_versions(("torch", "diffusers", "transformers", "PIL", "numpy"))
+    own = gift_fast_version()
+    if own is not None:
+        out["gift_fast"] = own
     return out
 
 
@@ -177,7 +149,6 @@ def encode_image(image, fmt: str, meta: Dict[str, Any], quality: int) -> bytes:
     if fmt == "jpeg":
         image.save(buf, format="JPEG", quality=int(quality), comment=text.encode("ascii"))
     else:
-        from PIL.PngImagePlugin import PngInfo
         info = PngInfo()
         info.add_text(META_KEY, text)
         image.save(buf, format="PNG", pnginfo=info, compress_level=1)
@@ -190,7 +161,6 @@ def read_image_meta(path: Path, *, decode: bool) -> Optional[Dict[str, Any]]:
     ``decode=True`` decodes the whole entropy-coded stream (JPEG at 1/8 scale: fast) so a
     truncated or corrupted file is caught.
     """
-    from PIL import Image
     try:
         with Image.open(path) as im:
             raw = im.info.get("comment") if im.format == "JPEG" else im.info.get(META_KEY)
@@ -210,7 +180,6 @@ def read_image_meta(path: Path, *, decode: bool) -> Optional[Dict[str, Any]]:
 # the per-task engine
 
 def _check_generated(images, n: int, where: str) -> list:
-    from PIL import Image
     if not isinstance(images, (list, tuple)) or len(images) != n:
         raise TypeError(f"{where}: generate() must return a list of {n} PIL images, "
                         f"got {type(images).__name__} of length {len(images) if hasattr(images, '__len__') else '?'}")
@@ -377,7 +346,8 @@ def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
 
 
 def _remove_stale_tmp(folder: Path, owned: Sequence[int], ext: str) -> None:
-    """Temporary files of this rank's images left by a killed run (other ranks' are not touched)."""
+    """Temporary files of this rank's images left by a killed run (other ranks' are not touched); the pattern is
+    ``files.tmp_path``'s name, ``.<name>.tmp-<pid>-<thread>``."""
     mine = {f".{i}.{ext}" for i in owned}
     for p in folder.glob(f".*.{ext}.tmp-*"):
         if p.name.split(".tmp-")[0] in mine:
@@ -391,7 +361,6 @@ def _generate_indices(generator, folder: Path, prompts, todo: List[int], *, ext,
     stats = {"generated": 0, "black_retries": 0, "black_kept": 0, "gen_s": 0.0}
     if not todo:
         return stats
-    from tqdm.auto import tqdm
 
     queue: deque = deque((i, 0) for i in todo)
     writer = _Writer(threads, max_pending=4 * batch_size)
@@ -403,7 +372,7 @@ def _generate_indices(generator, folder: Path, prompts, todo: List[int], *, ext,
                 "fp": fp}
         if black:
             meta["black"] = True
-        _atomic_write_bytes(folder / f"{i}.{ext}", encode_image(image, ext, meta, jpeg_quality))
+        atomic_write_bytes(folder / f"{i}.{ext}", encode_image(image, ext, meta, jpeg_quality))
 
     try:
         while queue:
@@ -683,7 +652,7 @@ def write_prompt_csv(folder: Path, prompts: Sequence[str], ext: str) -> None:
     w.writerow(["image", "text"])
     for i, p in enumerate(prompts):
         w.writerow([f"{i}.{ext}", p])
-    _atomic_write_text(folder / CSV_NAME, buf.getvalue())
+    atomic_write_text(folder / CSV_NAME, buf.getvalue())
 
 
 def read_prompt_csv(path, limit: Optional[int] = None) -> List[str]:
@@ -795,9 +764,8 @@ def load_task_file(path) -> Tuple[List[Tuple[str, List[str], Optional[str]]], Op
 
 def mtil_tasks(order: int) -> List[Tuple[str, List[str], str]]:
     """The 11 MTIL tasks of order 1 or 2: ``(name, class names, first template)`` (``gift_fast.data.mtil``)."""
-    from ..config import task_order
     names = task_order(order)
-    try:
+    try:   # local: the data module pulls in torch, which importing the engine does not
         from ..data.mtil import classnames, templates
     except ImportError as e:
         raise SynthError(f"MTIL class names are unavailable ({e}); give a --task-file instead") from e

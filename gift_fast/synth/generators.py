@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
+from gift_fast.files import atomic_write_text
+from gift_fast.versions import package_versions
+
 logger = logging.getLogger("gift_fast.synth")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -137,8 +140,10 @@ def _bytes_to_unicode() -> Dict[int, str]:
 _TINY_MERGES = ["a </w>", "p h", "o t", "ph ot", "o </w>", "o f</w>", "t h", "th e</w>"]
 
 
-def tiny_tokenizer(cache_dir: Optional[str] = None):
-    """A CLIPTokenizer over the 512 byte-level symbols (+ a few merges), written in code.
+def tiny_sd_tokenizer(cache_dir: Optional[str] = None):
+    """The tiny Stable Diffusion pipeline's CLIP tokenizer (``tiny_pipeline``): a transformers CLIPTokenizer over
+    the 512 byte-level symbols (+ a few merges), written in code. Not the toy CLIP's word tokenizer
+    (``gift_fast.toy.clip.toy_clip_tokenizer``).
 
     Token ids are < 520, valid for any CLIP text encoder (SD-1.5's has 49408).
     Works with transformers 4 (files) and 5 (tokenizers backend).
@@ -174,12 +179,13 @@ def tiny_tokenizer(cache_dir: Optional[str] = None):
     for name, text in files.items():
         path = root / name
         if not path.exists() or path.read_text() != text:
-            tmp = root / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text)
     tok = CLIPTokenizer.from_pretrained(str(root))
     tok.model_max_length = 77
     return tok
+
+
+tiny_tokenizer = tiny_sd_tokenizer   # its name before the toy CLIP's tokenizer got one of its own
 
 
 def random_pipeline(arch: str = "tiny", *, device=None, dtype=None, seed: int = 0, safety_checker=None,
@@ -197,7 +203,7 @@ def random_pipeline(arch: str = "tiny", *, device=None, dtype=None, seed: int = 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     unet_cfg, vae_cfg, text_cfg = ARCHITECTURES[arch]
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_sd_tokenizer()
     text_cfg = dict(text_cfg)
     text_cfg.setdefault("vocab_size", max(len(tokenizer), 64))
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -215,7 +221,8 @@ def random_pipeline(arch: str = "tiny", *, device=None, dtype=None, seed: int = 
             torch.cuda.set_rng_state(cuda_state, device)
     scheduler = PNDMScheduler(**(scheduler_config or SD15_SCHEDULER_CONFIG))
     feature_extractor = None
-    if safety_checker is not None:  # the pipeline insists on one next to a checker: CLIP's defaults (224, CLIP mean/std)
+    # the pipeline insists on a feature extractor next to a safety checker: CLIP's defaults (224, CLIP mean/std)
+    if safety_checker is not None:
         from transformers import CLIPImageProcessor
         feature_extractor = CLIPImageProcessor()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -350,13 +357,9 @@ def _size_of(spec, keys, default: int) -> int:
 
 
 def _versions() -> Dict[str, str]:
-    out = {}
-    for mod in ("torch", "diffusers", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = "missing"
-    return out
+    """The versions a generator's identity records (it fingerprints synthetic folders, so it keeps this exact
+    form: no python entry, "missing" for a package that does not import)."""
+    return package_versions(("torch", "diffusers", "transformers"), python=False, missing="missing")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,7 +611,7 @@ class StableDiffusionGenerator:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, **load_kw)
         except Exception as e:
-            from gift_fast.preflight import ModelUnavailable
+            from gift_fast.preflight import ModelUnavailable   # local: preflight imports this module back
             raise ModelUnavailable(f"could not load the Stable Diffusion pipeline {model!r}: {type(e).__name__}: {e}. "
                                "A Hub id needs the model in the local Hugging Face cache or network access; "
                                "a folder must hold a diffusers pipeline (model_index.json, unet/, vae/, ...)") from e

@@ -34,6 +34,8 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from gift_fast.data import mtil_metadata   # a data module: no torch import
+
 DEFAULT_TEMPLATE = "a photo of a {}."
 # How the authors template ImageNet names in the pool (their ``ImageNet.template``; not the
 # first of the 80 ImageNet evaluation templates).
@@ -95,7 +97,6 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
 
 def imagenet_classnames() -> List[str]:
     """The 1,000 ImageNet class names as CLIP cleaned them (open_clip's, identical to the authors')."""
-    from gift_fast.data import mtil_metadata   # a data module: no torch import
     return list(mtil_metadata.IMAGENET_CLASSNAMES)
 
 
