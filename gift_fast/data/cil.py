@@ -58,6 +58,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from gift_fast.data.base import TaskSpec
+from gift_fast.files import atomic_write_text
 from gift_fast.paper import CIL_RESULTS, CIL_TABLE_NAMES
 
 CIL_TEMPLATE = "a bad photo of a {}."
@@ -294,7 +295,6 @@ def make_split(benchmark: str, steps: int, classnames: Sequence[str], *,
 def write_or_check_split(split: CILSplit, record_dir: str) -> str:
     """Write ``split`` to ``record_dir/cil-split.json`` or, when a record is there, check that it is the
     same split (a resumed run on another order would mix the steps); returns the path."""
-    from gift_fast.data.mtil import _write_json_atomic
     os.makedirs(record_dir, exist_ok=True)
     path = os.path.join(record_dir, SPLIT_RECORD_NAME)
     rec = split.record()
@@ -310,7 +310,7 @@ def write_or_check_split(split: CILSplit, record_dir: str) -> str:
                 f"{old.get('seed')}; now: {rec['benchmark']} {rec['steps']} steps, order {rec['order_rule']} seed "
                 f"{rec['seed']}). Use the recorded settings, or start a new run folder.")
     else:
-        _write_json_atomic(path, rec)
+        atomic_write_text(path, json.dumps(rec, indent=1))
     return path
 
 
@@ -601,9 +601,7 @@ class CILBenchmark:
 
     def write_synth_task_file(self, path: str) -> str:
         """Write ``synth_tasks()`` to ``path`` (atomically); returns the path."""
-        from gift_fast.data.mtil import _write_json_atomic
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_json_atomic(path, self.synth_tasks())
+        atomic_write_text(path, json.dumps(self.synth_tasks(), indent=1))
         return path
 
     @property
