@@ -3,7 +3,7 @@
 Transcribed from the paper's text ("Synthetic Data is an Elegant GIFT for Continual Vision-Language
 Models", ViT-B/16 CLIP; top-1 accuracy in %). Each table below names the paper's table it comes
 from. ``gift-fast report`` prints the matching published row next to a run's numbers, with the
-difference (``paper_rows``); ``gift_fast.cil`` reads the class-incremental tables (Tab. 7, Tab. 8).
+difference (``paper_rows``); ``gift_fast.cil_trainer`` reads the class-incremental tables (Tab. 7, Tab. 8).
 
 Matching (``paper_rows(config, tasks)``): a run is on the paper's MTIL protocol when its tasks are
 Order I or Order II and its model, weights and training settings are the paper's (``PROTOCOL``:

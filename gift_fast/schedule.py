@@ -1,7 +1,12 @@
-"""Learning-rate schedules: the reference's linear warm-up then cosine decay (one rule for every loop)."""
+"""How a task is optimized: the reference's linear warm-up then cosine decay (one rule for every loop), a task's
+``TaskSchedule`` (lr, steps, warm-up, weight decay) and the AdamW + schedule built from it."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Iterable, Tuple
+
+import torch
 
 
 def cosine_lr_lambda(warmup: int, steps: int):
@@ -12,3 +17,27 @@ def cosine_lr_lambda(warmup: int, steps: int):
         e, es = k - warmup, max(1, steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(e, es) / es))
     return f
+
+
+@dataclass(frozen=True)
+class TaskSchedule:
+    """How one task is optimized: its learning rate, steps, warm-up steps and AdamW weight decay."""
+    lr: float
+    steps: int
+    warmup: int
+    weight_decay: float = 0.0
+
+    def lr_lambda(self):
+        return cosine_lr_lambda(self.warmup, self.steps)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], schedule: TaskSchedule, device: torch.device
+                   ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The task's AdamW (betas 0.9 / 0.999, eps 1e-8) and its warm-up + cosine schedule."""
+    opt_kw = dict(lr=schedule.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=schedule.weight_decay)
+    if torch.device(device).type == "cuda":
+        opt_kw["fused"] = True          # one kernel for all parameters
+    else:
+        opt_kw["foreach"] = True        # fewer, larger ops (the tiny preset is overhead-bound)
+    optimizer = torch.optim.AdamW(list(params), **opt_kw)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_lambda())

@@ -117,7 +117,7 @@ def check_train_config(cfg, world_size: int = 1) -> None:
     check_float("--lr", cfg.lr, low=0, low_open=True, hint="a learning rate of 0 trains nothing")
     check_float("--cd-weight", cfg.cd_weight, low=0)
     check_float("--ita-weight", cfg.ita_weight, low=0)
-    check_float("--l2", cfg.l2, low=0)
+    check_float("--consolidation-weight", cfg.consolidation_weight, low=0)
     check_float("--awc-decay", cfg.awc_decay, low=0, high=1, high_open=True)
     check_int("--fisher-batches", cfg.fisher_batches, low=1)
     check_float("--temperature", cfg.temperature, low=0, low_open=True)
