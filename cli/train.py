@@ -260,7 +260,7 @@ def _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts
 def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, write_report=True):
     import dataclasses
 
-    from gift_fast import runs
+    from gift_fast import runs as several_runs
     from gift_fast.report import report
     from gift_fast.run_config import PRESET_RUNS, TrainConfig, preset_config
 
@@ -300,14 +300,14 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
             default_out = f"runs/{'-'.join(methods)}"
         base = dataclasses.replace(base, out=out or default_out, resume=resume, plots=not no_plots,
                                    progress=not quiet)
-        cfgs = runs.plan_runs(base, methods, seed_list)
+        cfgs = several_runs.plan_runs(base, methods, seed_list)
         _check_before_work(cfgs, base)   # every option and every run folder, before any work
         from gift_fast.distributed import current
 
         current().barrier()              # (torchrun) every process has checked the folders before rank 0 marks
         parent_created = _mark_parent(cfgs, base)
         try:
-            runs.run_many(cfgs, jobs=jobs, progress=not quiet)
+            several_runs.run_many(cfgs, jobs=jobs, progress=not quiet)
         except BaseException:
             from gift_fast.run_folder import remove_own_files
 

@@ -23,7 +23,7 @@ from gift_fast.data.synthetic import load_reference_set, load_synthetic_set
 from gift_fast.data.toy import BASE_CLASSNAMES, ToyGenerator
 from gift_fast.distributed import SINGLE, DistContext
 from gift_fast.method import MethodSpec
-from gift_fast.preflight import check_sd_model
+from gift_fast import preflight
 from gift_fast.run_folder import (claim_synthetic_folder, compare_synthetic, discard_synthetic_folder,
                                   synthetic_fingerprint)
 from gift_fast.synth.engine import sequence_sources, synthesize_task
@@ -116,7 +116,7 @@ class SyntheticReplay:
                     print(f"on-the-fly generator: {gen_cfg.model}, {gen_cfg.steps} steps | {gen_cfg.summary()}",
                           file=sys.stderr, flush=True)
                 self._generator = StableDiffusionGenerator.from_config(
-                    gen_cfg, device=self.device, local_files_only=check_sd_model(gen_cfg.model))
+                    gen_cfg, device=self.device, local_files_only=preflight.check_sd_model(gen_cfg.model))
         return self._generator
 
     def synth_batch_size(self) -> int:
