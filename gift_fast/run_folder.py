@@ -31,10 +31,13 @@ Errors are ``RunFolderError`` (a ``ValueError``), each naming the file and the f
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import io
 import json
 import os
 import re
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
@@ -151,8 +154,6 @@ def mark(folder: Path, kind: str = "run") -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / MARKER
     if not marker.is_file():
-        from gift_fast.models import atomic_write_text
-
         atomic_write_text(marker, json.dumps({"gift_fast": kind, "format": 1}) + "\n")
     return created
 
@@ -199,8 +200,6 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -218,8 +217,6 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
-
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -296,8 +293,6 @@ def read_in_task_pointer(folder: Path, steps: Optional[int] = None) -> Optional[
 
 
 def _legacy(pointer: Path, path: Path) -> None:
-    import warnings
-
     if not path.is_file():
         raise RunFolderError(f"{path} is missing, but {pointer} names it: the run folder is incomplete; restore the "
                              f"file or start a new run (another --out)")
@@ -367,8 +362,6 @@ def claim_synthetic_folder(folder: Path) -> None:
 
 def discard_synthetic_folder(folder: Path) -> None:
     """Delete an on-the-fly folder, only when it carries this run's marker."""
-    import shutil
-
     if (folder / SYNTHETIC_MARKER).is_file():
         shutil.rmtree(folder, ignore_errors=True)
 

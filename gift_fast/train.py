@@ -449,5 +449,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["TrainConfig", "MethodSpec", "resolve_method", "parse_teacher", "ContinualTrainer", "train",
-           "PRESETS", "PRESET_RUNS", "preset_config", "plan_runs", "run_many", "identity_of",
+           "PRESETS", "PRESET_RUNS", "preset_config", "identity_of",
            "cosine_lr_lambda", "synthetic_indices", "TaskBatches", "embed_distill_set", "mix_state", "METHODS"]
