@@ -4,6 +4,8 @@ torch and the rest are imported inside the commands so ``gift-fast --help`` stay
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -258,8 +260,6 @@ def _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts
 
 
 def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, write_report=True):
-    import dataclasses
-
     from gift_fast import runs as several_runs
     from gift_fast.report import report
     from gift_fast.run_config import PRESET_RUNS, TrainConfig, preset_config
@@ -364,8 +364,6 @@ def _mark_parent(cfgs, base) -> bool:
 @click.option("--quiet", is_flag=True)
 def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache, device, bf16, batch_size, out, quiet):
     """Zero-shot top-1 accuracy of a model (or a run's checkpoint) on every task of a sequence."""
-    import json
-
     from gift_fast.builders import build_task_list, load_bundle
     from gift_fast.distributed import init_from_env, main_first, shutdown
     from gift_fast.evaluate import evaluate_tasks
