@@ -439,15 +439,6 @@ def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def __getattr__(name: str):
-    """Old homes of the names that moved to gift_fast.runs (which imports this module: read lazily, no circle)."""
-    if name in ("plan_runs", "run_many"):
-        from gift_fast import runs
-
-        return getattr(runs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["TrainConfig", "MethodSpec", "resolve_method", "parse_teacher", "ContinualTrainer", "train",
            "PRESETS", "PRESET_RUNS", "preset_config", "identity_of",
            "cosine_lr_lambda", "synthetic_indices", "TaskBatches", "embed_distill_set", "mix_state", "METHODS"]
