@@ -7,6 +7,7 @@ optional dependency of one command does not break the others.
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -47,8 +48,6 @@ class LazyGroup(click.Group):
     def invoke(self, ctx):
         """Every command's expected failures become ``Error: <sentence>`` and exit status 1; set
         GIFT_FAST_TRACEBACK=1 to see the traceback of those too."""
-        import os
-
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):

@@ -1,6 +1,8 @@
 """``gift-fast report RUN...``: the paper-style tables of finished runs, printed and written as Markdown."""
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -22,8 +24,6 @@ def report(runs, markdown, no_seed_average, no_paper, curves):
     protocol, the paper's published row for its configuration is printed beside it, with the
     difference (gift_fast.paper).
     """
-    import os
-
     from gift_fast.report import report as make_report
 
     if markdown is None:

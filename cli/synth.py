@@ -5,7 +5,10 @@ diffusers are imported only when the command runs.
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import time
 
 import click
 
@@ -107,9 +110,6 @@ def synth(order, task_file, only, images_per_task, out, guidance, dtype, bf16_fl
     gift-fast synth --order 1 --prompts-from AUTHORS_DIR --seed-scheme authors --out data/synthetic
     torchrun --nproc_per_node 8 -m gift_fast.cli.main synth --order 1 ...   # shards images over GPUs
     """
-    import logging
-    import time
-
     from gift_fast.synth.engine import SynthError, check_writable, load_task_file, mtil_tasks
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -179,9 +179,6 @@ def synth(order, task_file, only, images_per_task, out, guidance, dtype, bf16_fl
     # checks before cost: the output folder and its disk, then the model (before loading it)
     from gift_fast.preflight import SYNTH_JPEG_BYTES, ModelUnavailable, check_free_space, check_sd_model
     from gift_fast.synth.generators import GeneratorConfig
-
-    import os
-
     created_out = not os.path.exists(out)
     try:
         check_writable(out)
@@ -231,8 +228,6 @@ def synth(order, task_file, only, images_per_task, out, guidance, dtype, bf16_fl
 
 def _prompts_only(*, tasks, out, images_per_task, seed, base, template, only_list, sequence_kw):
     """--prompts-only: the CSVs and manifests, no model (nothing heavy is imported)."""
-    import time
-
     from gift_fast.synth.engine import SynthError, synthesize_sequence
 
     t0 = time.perf_counter()
@@ -272,8 +267,6 @@ def _merge_old_spellings(sd: dict) -> dict:
 def _run(*, preset, gen_cfg, local_only, dev, tasks, out, images_per_task, seed, base, template, only_list, rank,
          world, quiet, jpeg_quality, max_retries, overwrite, t0, sequence_kw):
     """Load the generator and synthesize (after the options were checked)."""
-    import time
-
     from gift_fast.synth.engine import SynthError, synthesize_sequence
     from gift_fast.synth.generators import StableDiffusionGenerator
 

@@ -1,14 +1,26 @@
-"""``gift-fast train`` and ``gift-fast eval``: parse options, call gift_fast.train / gift_fast.evaluate.
+"""``gift-fast train`` and ``gift-fast eval``: parse options, call gift_fast.runs / gift_fast.evaluate.
 
 torch and the rest are imported inside the commands so ``gift-fast --help`` stays fast.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from pathlib import Path
 
 import click
 
 from gift_fast.cli.sd_options import merge_alias, sd_options
+
+# The command line spells the distillation losses with hyphens; gift_fast.losses.DISTILL_MODES (the one list)
+# with underscores. Mapped here, and only here.
+DISTILL_CHOICES = ("contrastive", "feature", "image-only", "text-only", "kl")
+
+
+def _distill(value):
+    return None if value is None else value.replace("-", "_")
+
 
 # Defaults of the MTIL path (the tiny preset brings its own): the folders the other commands write.
 MTIL_DEFAULTS = dict(data_root="data/mtil", synth="data/synthetic", data_cache="data/cache")
@@ -60,13 +72,14 @@ def _seeds(value):
 @click.option("--awc/--no-awc", default=None, help="Adaptive weight consolidation on or off (off: none).")
 @click.option("--consolidation", type=click.Choice(["none", "uniform", "adaptive", "static"]), default=None,
               help="Weight consolidation explicitly: uniform = the L2 baseline, static = EWC-V.")
-@click.option("--distill", type=click.Choice(["contrastive", "feature", "image-only", "text-only", "kl"]),
-              default=None, help="Distillation loss (Tab. 4a). Default contrastive.")
+@click.option("--distill", type=click.Choice(DISTILL_CHOICES), default=None, help="Distillation loss (Tab. 4a). Default contrastive.")
 @click.option("--teacher", default=None, help="last | initial | wise:ALPHA (teacher = ALPHA * initial + "
               "(1 - ALPHA) * last). Default last.")
 @click.option("--cd-weight", type=float, default=None, help="lambda_cd (default 1).")
 @click.option("--ita-weight", type=float, default=None, help="lambda_ita (default 0.25).")
-@click.option("--l2", type=float, default=None, help="lambda_l2, strength of the weight consolidation (default 1).")
+@click.option("--consolidation-weight", type=float, default=None, help="lambda_l2, strength of the weight "
+              "consolidation of every kind: uniform, adaptive, static (default 1).")
+@click.option("--l2", "old_l2", type=float, default=None, help="The old name of --consolidation-weight.")
 @click.option("--awc-decay", type=float, default=None, help="Running Fisher estimate decay beta (default 0).")
 @click.option("--fisher-batches", type=int, default=None, help="EWC-V: synthetic batches of the static Fisher "
               "(default 10).")
@@ -112,7 +125,7 @@ def _seeds(value):
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option("--label", default=None, help="Name of the run(s) in reports.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-# --- class-incremental benchmarks (gift_fast.cil) ---
+# class-incremental benchmarks (gift_fast.cil_trainer)
 @click.option("--benchmark", type=click.Choice(["mtil", "cifar100-cil", "tinyimagenet-cil"]), default=None,
               help="mtil (default), or class-incremental: cifar100-cil / tinyimagenet-cil with --increments N.")
 @click.option("--increments", type=int, default=None, help="Class-incremental --benchmark: the number of incremental "
@@ -122,8 +135,7 @@ def _seeds(value):
               "format). --resume keeps a run's recorded order.")
 @click.option("--iterations", type=int, default=None, help="Class-incremental: iterations per step (default: one "
               "epoch of the step's training images).")
-# --- end class-incremental ---
-# --- research tooling (gift_fast.run_config, gift_fast.tracking) ---
+# rerunning, experiment tracking (gift_fast.run_config, gift_fast.tracking)
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="Rerun from a run's config.json (or a JSON of options, or the authors' configs/mtil_order_*.json); "
               "options given here override the file.")
@@ -134,9 +146,8 @@ def _seeds(value):
               "training, with the train loss and the teacher-student cross entropy (the paper's Fig. 4 and 5): "
               "curves.jsonl, drawn by `gift-fast report --curves`.")
 @click.option("--track-every", type=int, default=None, help="Steps between curve points (default: --log-every).")
-# --- end research tooling ---
 def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, compile_, benchmark, class_order,
-          iterations, increments, old_syn_batch_size, **opts):
+          iterations, increments, old_syn_batch_size, old_l2, **opts):
     """Continual training of CLIP on a task sequence with GIFT (or a baseline), evaluation after every task.
 
     On CUDA the defaults are the fastest exact configuration measured (bench/RESULTS.md):
@@ -157,8 +168,11 @@ def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, comp
     opts["compile"] = compile_
     opts["syn_batch_size"] = merge_alias("--distill-batch-size", opts.get("syn_batch_size"), "--syn-batch-size",
                                          old_syn_batch_size)
+    opts["consolidation_weight"] = merge_alias("--consolidation-weight", opts.get("consolidation_weight"), "--l2",
+                                               old_l2)
+    opts["distill"] = _distill(opts.get("distill"))
     opts["synth_batch_size"] = opts.pop("sd_batch_size", None)
-    # --- research tooling: --config FILE under the command line's options ---
+    # --config FILE under the command line's options
     config_file = opts.pop("config_file", None)
     if opts.get("track") is not None:
         opts["track"] = _csv(opts["track"])
@@ -184,8 +198,7 @@ def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, comp
         method = method or file_method
         seeds = seeds or (None if file_seed is None else str(file_seed))
         opts["_config_file_opts"] = file_opts
-    # --- end research tooling ---
-    # --- class-incremental benchmarks (gift_fast.cil) ---
+    # a class-incremental benchmark
     if benchmark not in (None, "mtil"):
         if increments is not None:
             if opts.get("steps") is not None:
@@ -202,7 +215,7 @@ def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, comp
                                    "torchrun (or with --nproc_per_node 1)")
         if preset:
             raise click.UsageError(f"--preset {preset} and --benchmark {benchmark} do not go together")
-        from gift_fast.cil import run_cil_command
+        from gift_fast.cil_trainer import run_cil_command
 
         cil_opts = {k: v for k, v in opts.items() if v is not None}
         for k in ("pretrained", "data_cache"):
@@ -219,7 +232,6 @@ def train(preset, out, resume, force, method, seeds, jobs, no_plots, quiet, comp
     if class_order is not None or iterations is not None or increments is not None:
         raise click.UsageError("--class-order, --iterations and --increments are options of a class-incremental "
                                "--benchmark")
-    # --- end class-incremental ---
     if world > 1:
         if jobs not in (None, 1):
             raise click.UsageError(f"--jobs {jobs} runs several runs in worker processes; under torchrun every "
@@ -233,7 +245,7 @@ def _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts
     """torchrun: join the process group (NCCL on GPUs, gloo on CPUs), train, report on rank 0."""
     from gift_fast.distributed import init_from_env, shutdown
 
-    from gift_fast.train import PRESETS
+    from gift_fast.run_config import PRESETS
 
     device = opts.get("device") or (PRESETS[preset].get("device") if preset else None)
     try:
@@ -248,10 +260,9 @@ def _train_distributed(preset, out, resume, method, seeds, no_plots, quiet, opts
 
 
 def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, write_report=True):
-    import dataclasses
-
+    from gift_fast import runs as several_runs
     from gift_fast.report import report
-    from gift_fast.train import PRESET_RUNS, TrainConfig, plan_runs, preset_config, run_many
+    from gift_fast.run_config import PRESET_RUNS, TrainConfig, preset_config
 
     file_opts = opts.pop("_config_file_opts", None)      # --config FILE: its values, None included
     none_pretrained = (opts.get("pretrained") or "").lower() == "none"
@@ -289,18 +300,18 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
             default_out = f"runs/{'-'.join(methods)}"
         base = dataclasses.replace(base, out=out or default_out, resume=resume, plots=not no_plots,
                                    progress=not quiet)
-        cfgs = plan_runs(base, methods, seed_list)
+        cfgs = several_runs.plan_runs(base, methods, seed_list)
         _check_before_work(cfgs, base)   # every option and every run folder, before any work
         from gift_fast.distributed import current
 
         current().barrier()              # (torchrun) every process has checked the folders before rank 0 marks
         parent_created = _mark_parent(cfgs, base)
         try:
-            run_many(cfgs, jobs=jobs, progress=not quiet)
+            several_runs.run_many(cfgs, jobs=jobs, progress=not quiet)
         except BaseException:
             from gift_fast.run_folder import remove_own_files
 
-            remove_own_files(__import__("pathlib").Path(base.out), parent_created)
+            remove_own_files(Path(base.out), parent_created)
             raise
         if not write_report:
             return
@@ -313,8 +324,6 @@ def _train(preset, out, resume, method, seeds, jobs, no_plots, quiet, opts, writ
 
 def _check_before_work(cfgs, base):
     """Options of every run (ranges, combinations) and its folder (new: empty or a run, or --force), read-only."""
-    from pathlib import Path
-
     from gift_fast.distributed import current
     from gift_fast.run_folder import check_new_folder, is_run_folder
     from gift_fast.validation import check_train_config
@@ -332,8 +341,6 @@ def _check_before_work(cfgs, base):
 
 def _mark_parent(cfgs, base) -> bool:
     """Mark the folder that holds several runs (True when this command created it)."""
-    from pathlib import Path
-
     from gift_fast.distributed import current
     from gift_fast.run_folder import mark
 
@@ -357,12 +364,12 @@ def _mark_parent(cfgs, base) -> bool:
 @click.option("--quiet", is_flag=True)
 def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache, device, bf16, batch_size, out, quiet):
     """Zero-shot top-1 accuracy of a model (or a run's checkpoint) on every task of a sequence."""
-    import json
-
+    from gift_fast.builders import build_task_list, load_bundle
     from gift_fast.distributed import init_from_env, main_first, shutdown
     from gift_fast.evaluate import evaluate_tasks
-    from gift_fast.models import atomic_write_text
-    from gift_fast.train import TrainConfig, build_task_list, load_bundle, preset_config
+    from gift_fast.files import atomic_write_text
+    from gift_fast.precision import check_bf16
+    from gift_fast.run_config import TrainConfig, preset_config
     from gift_fast.validation import check_eval_options, check_train_config
 
     # before any work: the values, and that --out can be written (not after the whole evaluation)
@@ -391,6 +398,7 @@ def evaluate_cmd(preset, model, pretrained, order, tasks, data_root, data_cache,
         check_eval(cfg)                           # data sets, cache space, weights: before any model is loaded
         dist, dev = init_from_env(cfg.device)   # under torchrun each process scores a share of every test set
         try:
+            check_bf16(dev, cfg.bf16)             # as `gift-fast train` does: a GPU without bf16 refuses --bf16
             with main_first(dist):
                 bundle = load_bundle(cfg, dev)
                 from gift_fast.run_folder import finite_check

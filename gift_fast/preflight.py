@@ -19,6 +19,12 @@ import sys
 from typing import Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
+from gift_fast.config import MTIL_TASKS, task_order
+from gift_fast.data.mtil import check_task_data
+from gift_fast.data.toy import TOY_TASKS
+from gift_fast.models import is_tiny
+from gift_fast.synth.generators import DEFAULT_MODEL
+
 GB = 2 ** 30
 # On-disk sizes used for the free-space estimates (upper-end values, the check keeps a 5% margin):
 CACHE_BYTES_PER_IMAGE = 3 * 224 * 224      # one decoded uint8 image of the pixel cache at 224 px
@@ -90,7 +96,6 @@ def check_clip_weights(model: str, pretrained: Optional[str], option: str = "--p
             or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
         return
     try:
-        from gift_fast.models import is_tiny
         if is_tiny(model):
             return
         from open_clip.pretrained import get_pretrained_cfg
@@ -132,8 +137,6 @@ def check_free_space(folder: str, need_bytes: int, what: str, fix: str, margin: 
 
 def check_mtil_data(names: Sequence[str], data_root: str) -> List[dict]:
     """Every MTIL data set of the run is where torchvision expects it (``gift-fast data check``'s rows)."""
-    from gift_fast.data.mtil import check_task_data
-
     root = os.path.abspath(os.path.expanduser(str(data_root)))
     rows = [check_task_data(n, root) for n in names]
     missing = [r for r in rows if not r["present"]]
@@ -179,12 +182,10 @@ def check_train(cfg) -> None:
     toy = cfg.toy
     names: List[str] = []
     if not toy:
-        from gift_fast.data.toy import TOY_TASKS
         if cfg.tasks and all(n in TOY_TASKS for n in cfg.tasks):
             toy = True
     rows: List[dict] = []
     if not toy:
-        from gift_fast.config import MTIL_TASKS, task_order
         if cfg.tasks:
             unknown = [n for n in cfg.tasks if n not in MTIL_TASKS]
             if unknown:
@@ -231,7 +232,6 @@ def check_train(cfg) -> None:
     if not toy:
         check_clip_weights(cfg.model, cfg.pretrained)
     if on_the_fly and cfg.generator == "sd":
-        from gift_fast.synth.generators import DEFAULT_MODEL
         check_sd_model(cfg.sd_model or DEFAULT_MODEL)
     if cache_need and getattr(cfg, "progress", True):
         announce_cache(cache_need, cache_tasks, cfg.data_cache)
@@ -239,10 +239,8 @@ def check_train(cfg) -> None:
 
 def check_eval(cfg) -> None:
     """``gift-fast eval``'s checks before cost: the data sets, then the CLIP weights."""
-    from gift_fast.data.toy import TOY_TASKS
     if cfg.toy or (cfg.tasks and all(n in TOY_TASKS for n in cfg.tasks)):
         return
-    from gift_fast.config import task_order
     names = list(cfg.tasks) if cfg.tasks else task_order(cfg.order)
     if not cfg.data_root:
         raise ValueError("the MTIL tasks need --data-root DIR (see `gift-fast data check`), or use --preset tiny")

@@ -18,7 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from gift_fast.files import atomic_write_text
 from gift_fast.metrics import continual_metrics
+from gift_fast.paper import (MTIL_PER_TASK, PER_TASK_TABLE_OF_ORDER, PROTOCOL_TEXT, TABLE_OF_ORDER, PaperMatch,
+                             mtil_order_of, paper_rows)
 
 
 @dataclass
@@ -186,8 +189,6 @@ def _cell(v: Optional[float]) -> str:
 
 def group_match(g: Group):
     """The paper's rows (gift_fast.paper.PaperMatch) for a group of runs, from its first run's config.json."""
-    from gift_fast.paper import PaperMatch, mtil_order_of, paper_rows
-
     cfg = g.runs[0].config
     if not cfg.get("config") or not cfg.get("method"):
         return PaperMatch(mtil_order_of(g.tasks), ["no config.json (the run's settings are unknown)"])
@@ -198,8 +199,6 @@ def paper_section(groups: Sequence[Group]) -> str:
     """"## Beside the paper": per group, the published rows its protocol and configuration match
     (gift_fast.paper), the run's numbers and the difference (run - paper); the per-data-set table of
     Tab. 9 / Tab. 10 for a main-table row; or why there is none."""
-    from gift_fast.paper import MTIL_PER_TASK, PER_TASK_TABLE_OF_ORDER, PROTOCOL_TEXT, TABLE_OF_ORDER
-
     parts = ["## Beside the paper", ""]
     for g in groups:
         m = group_match(g)
@@ -281,8 +280,6 @@ def report(paths: Sequence[str], *, markdown: Optional[str] = None, by_seed: boo
     runs = [load_run(p) for p in expand_run_paths(paths)]
     text = report_tables(runs, by_seed=by_seed, paper=paper)
     if markdown:
-        from gift_fast.models import atomic_write_text
-
         atomic_write_text(markdown, "# gift-fast report\n\nRuns: " +
                           ", ".join(str(r.path) for r in runs) + "\n\n" + text)
     return text

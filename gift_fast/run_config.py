@@ -1,6 +1,12 @@
-"""``gift-fast train --config FILE``: rerun a run from its ``config.json``, or from the authors' JSON.
+"""The configuration of a run: ``TrainConfig``, its identity, the presets, and ``--config FILE``.
 
-Three formats are read (``load_config_file``):
+``TrainConfig`` holds everything a run depends on (written to ``<out>/config.json``); ``identity_of`` is the part
+that changes its numbers (recorded in ``state.json``; a resume must match it). ``consolidation_weight`` is the
+strength of every weight consolidation kind (uniform L2, adaptive AWC, static EWC-V); its old name ``l2`` is still
+accepted (``TrainConfig(l2=...)``, ``cfg.l2``, ``--l2``, and the identity of run folders written before).
+
+``gift-fast train --config FILE`` reruns a run from its ``config.json``, or from the authors' JSON. Three formats
+are read (``load_config_file``):
 
 * **a run's own** ``<out>/config.json`` (written by ``gift-fast train``): its ``"config"`` object
   holds every ``TrainConfig`` field, so the rerun has the same identity (``identity_of``) and,
@@ -20,9 +26,221 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
+from gift_fast.config import ORDERS, task_lr
+from gift_fast.losses import DISTILL_MODES
+from gift_fast.method import METHOD_DEFAULTS, MethodSpec, normalize_distill, resolve_method
+from gift_fast.synth.generators import GeneratorConfig
+
+
+# =============================================================================== the configuration of a run
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (written to ``<out>/config.json``)."""
+    out: str = "runs/gift"
+    # model
+    model: str = "ViT-B-16"
+    pretrained: Optional[str] = "openai"
+    # tasks: an MTIL order (with data_root), a list of MTIL task names, or the toy world
+    order: Optional[int] = 1
+    tasks: Optional[List[str]] = None
+    data_root: Optional[str] = None
+    data_cache: Optional[str] = None
+    train_augment: bool = True         # MTIL task images: the authors' RandomResizedCrop(scale=(0.9, 1)) in training
+    toy: bool = False
+    toy_train_size: int = 1000
+    toy_test_size: int = 300
+    # method
+    method: str = "gift"
+    cd: Optional[bool] = None
+    ita: Optional[bool] = None
+    awc: Optional[bool] = None
+    consolidation: Optional[str] = None
+    distill: str = "contrastive"       # gift_fast.losses.DISTILL_MODES (image-only / text-only are read as image_only...)
+    teacher: str = "last"
+    cd_weight: float = 1.0
+    ita_weight: float = 0.25
+    consolidation_weight: float = 1.0  # lambda_l2: strength of the (adaptive / uniform / static) consolidation (was l2)
+    awc_decay: float = 0.0             # running Fisher estimate: F <- decay * F + (1 - decay) * F_new
+    fisher_batches: int = 10           # EWC-V: synthetic batches of the static Fisher
+    temperature: float = 2.0
+    label_smoothing: float = 0.2
+    # synthetic data
+    synth: Optional[str] = None        # a `gift-fast synth` folder, or "on-the-fly"
+    reference_images: Optional[str] = None
+    images_per_task: int = 1000
+    generator: str = "sd"              # on-the-fly generator: sd (Stable Diffusion) | toy
+    sd_model: Optional[str] = None
+    sd_steps: int = 50
+    synth_batch_size: Optional[int] = None   # images per generator call (None: the measured default, --sd-batch-size)
+    # the rest of the on-the-fly generator's configuration (gift_fast.synth.generators.GeneratorConfig; None: the
+    # measured default for the device, see bench/RESULTS.md)
+    sd_compile: Optional[str] = None   # auto | none | unet | all
+    sd_compile_mode: Optional[str] = None
+    sd_channels_last: Optional[bool] = None
+    sd_fused_qkv: Optional[bool] = None
+    sd_attention: str = "auto"
+    sd_sdpa_backend: Optional[str] = None
+    sd_safety_checker: bool = True
+    synth_seed: Optional[int] = None   # default: seed
+    keep_synth: bool = False
+    # optimisation (docs/METHOD.md, "The MTIL protocol")
+    steps: int = 1000
+    batch_size: int = 64
+    syn_batch_size: int = 64
+    warmup: int = 100
+    lr: Optional[float] = None         # one learning rate for every task (None: each task's own, TaskSpec.lr)
+    # speed
+    device: str = "auto"
+    bf16: bool = False
+    compile: Optional[bool] = None     # regional torch.compile of the blocks (None: on CUDA, not on the CPU)
+    kernels: str = "auto"
+    threads: Optional[int] = None
+    num_workers: int = 4
+    # evaluation and logging
+    eval_batch_size: int = 256
+    log_every: int = 50
+    progress: bool = True
+    # run
+    seed: int = 0
+    resume: bool = False
+    keep_checkpoints: str = "all"      # all | last
+    checkpoint_every: int = 0          # in-task checkpoint every K steps (0: only at the end of each task)
+    plots: bool = True
+    label: Optional[str] = None        # name of the run in reports (default: the method's label)
+    force: bool = False                # a new run may go into a non-empty folder (gift_fast.run_folder)
+    # experiment tracking and the paper's curves (gift_fast.tracking); they do not change the numbers
+    report_to: str = "none"            # none | tensorboard | wandb | all (open_clip's --report-to)
+    name: Optional[str] = None         # the run's name in TensorBoard / W&B (default: the run folder's name)
+    track: Optional[List[str]] = None  # tasks whose test loss / accuracy are logged during training (Fig. 5)
+    track_every: int = 0               # steps between curve points (0: no curves; with track: log_every)
+
+    def __post_init__(self):
+        if isinstance(self.distill, str) and normalize_distill(self.distill) in DISTILL_MODES:
+            self.distill = normalize_distill(self.distill)     # the old spellings image-only / text-only
+
+    @property
+    def l2(self) -> float:
+        """The old name of ``consolidation_weight``."""
+        return self.consolidation_weight
+
+    @l2.setter
+    def l2(self, value: float) -> None:
+        self.consolidation_weight = value
+
+    def method_spec(self) -> MethodSpec:
+        return resolve_method(self.method, cd=self.cd, ita=self.ita, awc=self.awc, consolidation=self.consolidation,
+                              distill=self.distill, teacher=self.teacher)
+
+    def generator_config(self) -> GeneratorConfig:
+        """The on-the-fly Stable Diffusion generator's ``GeneratorConfig`` (the one ``gift-fast synth`` uses)."""
+        return GeneratorConfig(**{g: getattr(self, t) for g, t in SD_FIELDS.items()})
+
+    def compiles(self, device: torch.device) -> bool:
+        """``compile`` resolved: None compiles on CUDA (the faster measured step, bench/RESULTS.md run 2), not on the CPU."""
+        return bool(self.compile) if self.compile is not None else torch.device(device).type == "cuda"
+
+    def task_lr(self, task) -> float:
+        """The learning rate of ``task`` (a TaskSpec): ``lr`` when given, else the task's own (the MTIL rule of
+        gift_fast.config.task_lr, the toy world's, a class-incremental benchmark's). The one place of the rule."""
+        return self.lr if self.lr is not None else task.lr
+
+
+# Old field names -> their names now (TrainConfig(l2=...), an old config.json, an old state.json identity).
+RENAMED_FIELDS = {"l2": "consolidation_weight"}
+
+_dataclass_init = TrainConfig.__init__
+
+
+def _init_accepting_old_names(self, *args, **kw):
+    for old, new in RENAMED_FIELDS.items():
+        if old in kw:
+            if new in kw:
+                raise TypeError(f"TrainConfig: give {new} or its old name {old}, not both")
+            kw[new] = kw.pop(old)
+    _dataclass_init(self, *args, **kw)
+
+
+_init_accepting_old_names.__doc__ = _dataclass_init.__doc__
+TrainConfig.__init__ = _init_accepting_old_names
+
+
+def upgrade_fields(fields: Dict[str, Any]) -> Dict[str, Any]:
+    """TrainConfig fields as an older gift-fast wrote them (config.json's "config", state.json's "identity"),
+    in today's names and spellings: ``l2`` -> ``consolidation_weight``, ``image-only`` -> ``image_only``."""
+    out = {RENAMED_FIELDS.get(k, k): v for k, v in fields.items()}
+    if isinstance(out.get("distill"), str) and normalize_distill(out["distill"]) in DISTILL_MODES:
+        out["distill"] = normalize_distill(out["distill"])
+    return out
+
+
+# GeneratorConfig field -> TrainConfig field (the CLI's --sd-* options of both commands)
+SD_FIELDS = {"model": "sd_model", "steps": "sd_steps", "batch_size": "synth_batch_size", "compile": "sd_compile",
+             "compile_mode": "sd_compile_mode", "channels_last": "sd_channels_last", "fuse_qkv": "sd_fused_qkv",
+             "attention": "sd_attention", "sdpa_backend": "sd_sdpa_backend", "safety_checker": "sd_safety_checker"}
+
+
+# Fields that do not change a run's numbers (may differ between a run and its resume).
+RESUME_FREE = frozenset({
+    "out", "resume", "progress", "device", "compile", "kernels", "threads", "num_workers", "eval_batch_size",
+    "log_every", "keep_checkpoints", "plots", "label", "keep_synth", "synth_batch_size", "data_cache",
+    "checkpoint_every", "report_to", "name", "track", "track_every", "sd_compile", "sd_compile_mode",
+    "sd_channels_last", "sd_fused_qkv", "sd_attention", "sd_sdpa_backend", "force"})
+# Fields added after runs were written, with the value those runs used: left out of the identity at that
+# value, so a run folder written before resumes (its identity has no such key).
+_ADDED_WITH = {"sd_safety_checker": True}
+
+
+def identity_of(cfg: TrainConfig) -> Dict[str, Any]:
+    """The fields that change a run's numbers (state.json's "identity"; a resume must match it)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUME_FREE and not (k in _ADDED_WITH and v == _ADDED_WITH[k])}
+
+
+def identity_differences(recorded: Dict[str, Any], cfg: TrainConfig) -> List[str]:
+    """``"field: old -> new"`` for each field of the identity ``recorded`` in a state.json (any gift-fast
+    version: old names are read as today's) that ``cfg`` changes; empty when the run may resume."""
+    old = upgrade_fields(recorded or {})
+    new = json.loads(json.dumps(identity_of(cfg), default=str))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+# =============================================================================== presets
+# The tiny preset: the toy world (gift_fast.data.toy) on a CPU, GIFT against continual
+# fine-tuning over three seeds. Hyper-parameters are the paper's except where the toy
+# scale needs its own (a tiny model learns at 1e-3, not 1e-5; 150 steps per task, 15 of
+# them warm-up as the paper's 100 of 1,000; batches of 32; 200 synthetic images per task).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(model="toy-vit", pretrained="toy", toy=True, order=None, steps=150, batch_size=32,
+                 syn_batch_size=32, images_per_task=200, warmup=15, lr=1e-3, synth="on-the-fly", generator="toy",
+                 eval_batch_size=500, log_every=50, device="cpu", threads=1, num_workers=0, toy_train_size=1000,
+                 toy_test_size=300),
+}
+PRESET_RUNS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(methods=("gift", "finetune"), seeds=(0, 1, 2), jobs=None),   # jobs None: min(2, CPUs)
+}
+
+
+def preset_config(name: str, /, **overrides) -> TrainConfig:
+    """The TrainConfig of a preset with ``overrides`` applied (a None value sets None, e.g. pretrained=None)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    overrides = {RENAMED_FIELDS.get(k, k): v for k, v in overrides.items()}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = [k for k in overrides if k not in fields]
+    if bad:
+        raise ValueError(f"unknown TrainConfig fields {bad}")
+    kw = dict(PRESETS[name])
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+# =============================================================================== --config FILE
 # The authors' keys and what they become (scripts/run_exp.py and src/args.py of GIFT_CL).
 AUTHORS_KEYS: Dict[str, str] = {
     "_comment": "ignored (a note)",
@@ -37,7 +255,7 @@ AUTHORS_KEYS: Dict[str, str] = {
     "iterations": "--steps",
     "label_smoothing": "--label-smoothing",
     "ita": "--ita-weight (0: --no-ita)",
-    "L2": "--l2 (the strength of the weight consolidation; 0 and no awc: none)",
+    "L2": "--consolidation-weight (the strength of the weight consolidation; 0 and no awc: none)",
     "distill": "--cd-weight (0: --no-cd)",
     "train_loss": "must be cross_entropy",
     "devices": "ignored (GPUs: --device, or torchrun for several)",
@@ -58,8 +276,6 @@ AUTHORS_UNSUPPORTED = {"we": "weight ensembling (--we)", "pwe": "--pwe", "avg_fr
 
 
 def _train_fields() -> Dict[str, Any]:
-    from gift_fast.train import TrainConfig
-
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -79,6 +295,7 @@ def load_config_file(path) -> Tuple[Dict[str, Any], Optional[str], Optional[int]
         kw = from_authors_config(data, source=str(path))
     else:
         kw = data["config"] if isinstance(data.get("config"), dict) else data
+        kw = upgrade_fields(kw)             # a config.json written before a field was renamed
         fields = _train_fields()
         unknown = sorted(k for k in kw if k not in fields)
         if unknown:
@@ -111,9 +328,6 @@ def from_authors_config(data: Dict[str, Any], source: str = "config") -> Dict[st
 
     Only what differs from gift-fast's defaults (the paper's settings) is set, so the authors'
     Order I file gives the same run identity as ``gift-fast train --order 1``."""
-    from gift_fast.config import ORDERS, task_lr
-    from gift_fast.train import DISTILL_LOSSES, TrainConfig
-
     unknown = sorted(k for k in data if k not in AUTHORS_KEYS and k not in AUTHORS_UNSUPPORTED)
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)} in the authors' config format; known: "
@@ -175,8 +389,8 @@ def from_authors_config(data: Dict[str, Any], source: str = "config") -> Dict[st
         kw["cd_weight"] = cd_w
     if ita_w > 0 and ita_w != d["ita_weight"]:
         kw["ita_weight"] = ita_w
-    if l2 > 0 and l2 != d["l2"]:
-        kw["l2"] = l2
+    if l2 > 0 and l2 != d["consolidation_weight"]:
+        kw["consolidation_weight"] = l2
     if awc and static > 0:
         cons = "static"
         kw["fisher_batches"] = static
@@ -187,8 +401,6 @@ def from_authors_config(data: Dict[str, Any], source: str = "config") -> Dict[st
     if awc and l2 <= 0:
         raise ValueError(f"{source}: awc is on but L2 is {l2}: the consolidation's strength must be positive")
     method = {"adaptive": "gift", "static": "ewc-v", "uniform": "l2"}.get(cons, "gift" if (cd or ita) else "finetune")
-    from gift_fast.train import METHOD_DEFAULTS
-
     m_cd, m_ita, m_cons = METHOD_DEFAULTS[method]
     if cd != m_cd:
         kw["cd"] = cd
@@ -203,7 +415,7 @@ def from_authors_config(data: Dict[str, Any], source: str = "config") -> Dict[st
     if len(chosen) > 1:
         raise ValueError(f"{source}: several distillation variants at once ({', '.join(chosen)}); choose one")
     if chosen:
-        assert chosen[0] in DISTILL_LOSSES
+        assert normalize_distill(chosen[0]) in DISTILL_MODES
         kw["distill"] = chosen[0]
     if (cd or ita) and "ref_model" in data:
         ref = data["ref_model"]
@@ -227,4 +439,5 @@ def authors_key_table() -> List[Tuple[str, str]]:
                                                  for k, v in AUTHORS_UNSUPPORTED.items())
 
 
-__all__ = ["load_config_file", "from_authors_config", "AUTHORS_KEYS", "AUTHORS_UNSUPPORTED", "authors_key_table"]
+__all__ = ["TrainConfig", "identity_of", "identity_differences", "upgrade_fields", "RENAMED_FIELDS",
+           "RESUME_FREE", "SD_FIELDS", "PRESETS", "PRESET_RUNS", "preset_config", "load_config_file", "from_authors_config", "AUTHORS_KEYS", "AUTHORS_UNSUPPORTED", "authors_key_table"]

@@ -31,11 +31,25 @@ Errors are ``RunFolderError`` (a ``ValueError``), each naming the file and the f
 from __future__ import annotations
 
 import hashlib
+import fcntl
+import io
 import json
 import os
 import re
+import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from gift_fast.files import atomic_write_bytes, atomic_write_text, read_json, write_json
+from gift_fast.metrics import continual_metrics
+# checkpoint I/O (another part of issue 15 moves these to gift_fast.checkpoints, the old names staying)
+from gift_fast.models import atomic_save_safetensors, load_weights, save_model, state_dict_fp32
 
 MARKER = ".gift-fast-run"
 LOCK = ".gift-fast-lock"
@@ -140,8 +154,6 @@ def mark(folder: Path, kind: str = "run") -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / MARKER
     if not marker.is_file():
-        from gift_fast.models import atomic_write_text
-
         atomic_write_text(marker, json.dumps({"gift_fast": kind, "format": 1}) + "\n")
     return created
 
@@ -188,8 +200,6 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -207,8 +217,6 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
-
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -285,8 +293,6 @@ def read_in_task_pointer(folder: Path, steps: Optional[int] = None) -> Optional[
 
 
 def _legacy(pointer: Path, path: Path) -> None:
-    import warnings
-
     if not path.is_file():
         raise RunFolderError(f"{path} is missing, but {pointer} names it: the run folder is incomplete; restore the "
                              f"file or start a new run (another --out)")
@@ -356,8 +362,6 @@ def claim_synthetic_folder(folder: Path) -> None:
 
 def discard_synthetic_folder(folder: Path) -> None:
     """Delete an on-the-fly folder, only when it carries this run's marker."""
-    import shutil
-
     if (folder / SYNTHETIC_MARKER).is_file():
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -384,8 +388,6 @@ def verify_if_run_checkpoint(path: str | os.PathLike) -> bool:
 
 def finite_check(named: Iterable, source: str) -> None:
     """Refuse non-finite floating tensors (a run that diverged, a damaged file): name the first few."""
-    import torch
-
     bad = [n for n, v in named if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise FloatingPointError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. "
@@ -393,8 +395,212 @@ def finite_check(named: Iterable, source: str) -> None:
                                  f"checkpoint")
 
 
+# ----------------------------------------------------------------------------- claiming a folder for a run
+@dataclass
+class Claim:
+    """What ``claim`` decided about a run folder: the state to resume (None: a new run), the in-task pointer to
+    resume from, the lock held (rank 0), whether the folder was created, whether a failed run was restarted."""
+    state: Optional[Dict[str, Any]] = None
+    pointer: Optional[Dict[str, Any]] = None
+    lock: Optional[RunLock] = None
+    created: bool = False
+    restarted: bool = False
+
+
+def claim(out: Path, *, resume: bool, force: bool, steps: int, same_identity: Callable[[Dict[str, Any]], bool],
+          dist) -> Claim:
+    """New run: the folder must be new, empty, a run that never finished a task, or --force'd (and then hold none
+    of the run's names). Resume: the state, checkpoints and pointer must be sound. Rank 0 takes the lock; every
+    process reads the same folder and reaches the same decision. ``same_identity(state)``: the recorded identity
+    equals this run's; ``steps``: a task's steps now."""
+    state = read_state(out) if out.is_dir() else None
+    if state is not None and not resume and not restartable(out, state):
+        raise FileExistsError(
+            f"{out} already holds a run ({state.get('finished', 0)} of {len(state.get('tasks', []))} tasks "
+            f"finished): pass --resume to continue it, or choose another --out")
+    restart = False
+    if state is not None and restartable(out, state):
+        # nothing finished and no in-task checkpoint: resume only if the options are the same, else restart
+        restart = not (resume and same_identity(state))
+    if state is None and resume and (out / IN_TASK_POINTER).is_file():
+        # a pointer without a state (the state is written before any step): check it before anything else
+        read_in_task_pointer(out, steps=steps)
+    if state is None or restart:
+        check_new_folder(out, force=force)
+    dist.barrier()                       # every process has decided on the folder before rank 0 writes to it
+    c = Claim(restarted=restart)
+    if dist.is_main:
+        c.created = mark(out)
+        c.lock = RunLock(out).acquire()
+        if restart:
+            clear_for_restart(out)
+    dist.barrier()
+    c.state = None if restart else state
+    try:
+        if c.state is not None:
+            verify_task_checkpoints(out, c.state)
+            ptr = read_in_task_pointer(out) if c.state["finished"] < len(c.state["tasks"]) else None
+            if ptr is not None and ptr["task_index"] == c.state["finished"]:
+                if not 0 < ptr["step"] < steps:
+                    raise ValueError(f"cannot resume {out}: its in-task checkpoint is at step {ptr['step']} of "
+                                     f"task {ptr['task_index'] + 1}, but a task now has {steps} steps")
+                c.pointer = ptr
+        elif resume and (out / IN_TASK_POINTER).is_file():
+            c.pointer = read_in_task_pointer(out, steps=steps)
+    except BaseException:
+        if c.lock is not None:
+            c.lock.release()
+        remove_own_files(out, c.created)
+        raise
+    return c
+
+
+def check_resumable(out: Path, state: Dict[str, Any], differences: Sequence[str], task_names: Sequence[str]) -> None:
+    """Refuse a resume with other settings (``differences``: ``"field: old -> new"``) or other tasks."""
+    if differences:
+        raise ValueError(f"cannot resume {out}: the run was started with other settings "
+                         f"({', '.join(differences)}). Resume with the same options, or choose another --out")
+    if state.get("tasks") != list(task_names):
+        raise ValueError(f"cannot resume {out}: its tasks were {state.get('tasks')}, now {list(task_names)}")
+
+
+# ----------------------------------------------------------------------------- task checkpoints and state
+STATE = "state.json"
+LOG = "log.jsonl"
+IN_TASK_POINTER = "checkpoints/in_task.json"
+
+
+def task_checkpoint_path(out: Path, t: int, task_name: str) -> Path:
+    return out / "checkpoints" / f"task_{t + 1:02d}_{task_name}.safetensors"
+
+
+def write_state(out: Path, state: Dict[str, Any]) -> None:
+    write_json(out / STATE, state)
+
+
+def save_task_checkpoint(out: Path, model, state: Dict[str, Any], metadata: Dict[str, Any],
+                         keep_last_only: bool = False) -> Path:
+    """After a task: the model (safetensors, atomic) at ``state["checkpoints"][-1]``, its sha256 into the state
+    (the file that points to the checkpoint; verified on resume and by eval), the state; with
+    ``keep_last_only`` the earlier task checkpoints are deleted."""
+    rel = state["checkpoints"][-1]
+    path = out / rel
+    save_model(model, path, metadata=metadata)
+    state.setdefault("checksums", {})[rel] = sha256_file(path)
+    write_state(out, state)
+    if keep_last_only:
+        for old in state["checkpoints"][:-1]:
+            inside(out, old, out / STATE, "checkpoint").unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- in-task checkpoints
+# Files: checkpoints/in_task_<task>_<step>.safetensors (model.* and awc.* tensors) and .pt
+# (optimizer, schedule, RNG; torch.save of plain containers, loaded with weights_only=True),
+# then checkpoints/in_task.json, written last and atomically, names the pair: a kill at any
+# moment leaves either the previous complete pair or the new one. The teacher embeddings and
+# the anchor are not stored: they are recomputed from the task's starting weights (the last
+# finished task's checkpoint), exactly as the uninterrupted run computed them.
+def save_in_task(out: Path, t: int, task_name: str, k: int, model, awc, optimizer, scheduler,
+                 device: torch.device) -> None:
+    """The in-task checkpoint after step ``k`` of task ``t`` (rank 0 calls it)."""
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    stem = in_task_stem(t, k)
+    tensors = {f"model.{n}": v.detach().to("cpu").clone() for n, v in state_dict_fp32(model).items()}
+    if awc is not None:
+        tensors.update({f"awc.{n}": v.detach().to("cpu").clone() for n, v in awc.state_dict().items()})
+    atomic_save_safetensors(tensors, ckdir / f"{stem}.safetensors",
+                            metadata={"task_index": json.dumps(t), "step": json.dumps(k)})
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rest = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+            "task_index": t, "step": k}
+    buf = io.BytesIO()
+    torch.save(rest, buf)
+    atomic_write_bytes(ckdir / f"{stem}.pt", buf.getvalue())
+    old = read_json(out / IN_TASK_POINTER)        # None when missing, or replaced by the pointer being written
+    sums = {ext: sha256_file(ckdir / f"{stem}{ext}") for ext in (".safetensors", ".pt")}
+    write_json(out / IN_TASK_POINTER, {"task_index": t, "task": task_name, "step": k, "stem": stem, "sha256": sums})
+    old_stem = old.get("stem") if isinstance(old, dict) else None
+    if isinstance(old_stem, str) and IN_TASK_STEM.match(old_stem) and old_stem != stem:
+        for ext in (".safetensors", ".pt"):     # only a name of ours, inside checkpoints/
+            (ckdir / f"{old_stem}{ext}").unlink(missing_ok=True)
+
+
+def load_in_task(out: Path, ptr: Dict[str, Any], model, awc, optimizer, scheduler, device: torch.device) -> int:
+    """Restore the in-task checkpoint ``ptr`` names (checked and verified by ``claim``): the model, AWC,
+    optimizer, schedule and RNG after its step; returns that step."""
+    k = int(ptr["step"])
+    ckdir = out / "checkpoints"
+    tensors = load_file(str(ckdir / f"{ptr['stem']}.safetensors"))
+    with safe_open(str(ckdir / f"{ptr['stem']}.safetensors"), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    rest = torch.load(ckdir / f"{ptr['stem']}.pt", map_location="cpu", weights_only=True)
+    check_in_task_files(out / IN_TASK_POINTER, ptr, meta, rest)
+    load_weights(model, {n[len("model."):]: v for n, v in tensors.items() if n.startswith("model.")})
+    if awc is not None:
+        awc.load_state_dict({n[len("awc."):]: v for n, v in tensors.items() if n.startswith("awc.")})
+    optimizer.load_state_dict(rest["optimizer"])
+    scheduler.load_state_dict(rest["scheduler"])
+    torch.set_rng_state(rest["rng"]["cpu"])
+    if "cuda" in rest["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(rest["rng"]["cuda"], device)
+    return k
+
+
+def clear_in_task(out: Path) -> None:
+    """Remove the in-task checkpoint once its task is finished (the task checkpoint supersedes it)."""
+    (out / IN_TASK_POINTER).unlink(missing_ok=True)
+    for f in (out / "checkpoints").glob("in_task_*"):
+        f.unlink(missing_ok=True)
+
+
+def trim_log(log_path: Path, t: int, k: int) -> None:
+    """Drop log records written after step ``k`` of task ``t`` (the resumed run writes them again)."""
+    if not log_path.is_file():
+        return
+    keep = []
+    with open(log_path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:      # a line cut by the kill
+                continue
+            if rec.get("task_index", -1) > t or (rec.get("task_index") == t and rec.get("step", 0) > k):
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(log_path, "".join(keep))
+
+
+# ----------------------------------------------------------------------------- result files
+def write_acc_csv(path: Path, task_names: Sequence[str], zero_shot: Sequence[float],
+                  rows: Sequence[Sequence[float]]) -> None:
+    """``acc_matrix.csv``: the zero-shot row, then one row per finished task."""
+    lines = ["after," + ",".join(task_names), "zero-shot," + ",".join(f"{v:.4f}" for v in zero_shot)]
+    for name, row in zip(task_names, rows):
+        lines.append(f"{name}," + ",".join(f"{v:.4f}" for v in row))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def run_metrics(state: Dict[str, Any], task_names: Sequence[str], label: str) -> Optional[Dict[str, Any]]:
+    """``metrics.json`` of a finished run (None while tasks remain): the continual metrics of its accuracy
+    matrix, and of its zero-shot row."""
+    if len(state["acc"]) < len(task_names):
+        return None
+    metrics = continual_metrics(state["acc"])
+    zs = state["zero_shot"]
+    metrics["zero_shot"] = continual_metrics([zs] * len(zs))
+    metrics["tasks"] = list(task_names)
+    metrics["label"] = label
+    return metrics
+
+
 __all__ = ["RunFolderError", "MARKER", "LOCK", "SYNTHETIC_MARKER", "sha256_file", "verify_checksum", "inside",
            "is_run_folder", "check_new_folder", "mark", "remove_own_files", "restartable", "clear_for_restart",
            "RunLock", "read_state", "verify_task_checkpoints", "read_in_task_pointer", "in_task_stem",
            "check_in_task_files", "synthetic_fingerprint", "compare_synthetic", "claim_synthetic_folder",
-           "discard_synthetic_folder", "verify_if_run_checkpoint", "finite_check"]
+           "discard_synthetic_folder", "verify_if_run_checkpoint", "finite_check", "Claim", "claim",
+           "check_resumable", "task_checkpoint_path", "write_state", "save_task_checkpoint", "save_in_task",
+           "load_in_task", "clear_in_task", "trim_log", "write_acc_csv", "run_metrics"]

@@ -1,9 +1,13 @@
-"""Learning-rate schedules: the reference's linear warm-up then cosine decay (one rule for every training loop;
-the toy CLIP's pre-training keeps its own, older rule, ``warmup_times_cosine_lr``)."""
+"""How a task is optimized: the reference's linear warm-up then cosine decay (one rule for every training loop;
+the toy CLIP's pre-training keeps its own, older rule, ``warmup_times_cosine_lr``), a task's ``TaskSchedule`` (lr,
+steps, warm-up, weight decay) and the AdamW + schedule built from it."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Tuple
+
+import torch
 
 
 def cosine_lr_lambda(warmup: int, steps: int):
@@ -31,3 +35,27 @@ def warmup_times_cosine_lr(base_lr: float, warmup: int, steps: int) -> Callable[
         warm = min(1.0, (k + 1) / warmup)
         return base_lr * warm * 0.5 * (1 + math.cos(math.pi * k / steps))
     return lr
+
+
+@dataclass(frozen=True)
+class TaskSchedule:
+    """How one task is optimized: its learning rate, steps, warm-up steps and AdamW weight decay."""
+    lr: float
+    steps: int
+    warmup: int
+    weight_decay: float = 0.0
+
+    def lr_lambda(self):
+        return cosine_lr_lambda(self.warmup, self.steps)
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], schedule: TaskSchedule, device: torch.device
+                   ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The task's AdamW (betas 0.9 / 0.999, eps 1e-8) and its warm-up + cosine schedule."""
+    opt_kw = dict(lr=schedule.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=schedule.weight_decay)
+    if torch.device(device).type == "cuda":
+        opt_kw["fused"] = True          # one kernel for all parameters
+    else:
+        opt_kw["foreach"] = True        # fewer, larger ops (the tiny preset is overhead-bound)
+    optimizer = torch.optim.AdamW(list(params), **opt_kw)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_lambda())

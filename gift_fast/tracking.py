@@ -42,10 +42,22 @@ mode and draw no random numbers, so a run's numbers do not depend on them (teste
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gift_fast.batches import normalize_batch
+from gift_fast.distributed import all_reduce_sum, all_reduce_tensors_
+from gift_fast.evaluate import iter_eval_batches, zero_shot_classifier
+from gift_fast.files import append_text_line, atomic_write_text
+from gift_fast.report import plot_run
+from gift_fast.text import encode_text
 
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 CURVES_FILE = "curves.jsonl"
@@ -143,8 +155,6 @@ class _WandB:
 
 
 def _stable_id(out: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:12]
 
 
@@ -228,8 +238,6 @@ class RunHooks:
                                if metrics.get(m) is not None}, step)
                 fig = t.out / "acc_matrix.png"
                 if not fig.is_file():
-                    from gift_fast.report import plot_run
-
                     try:
                         plot_run(t.out)
                     except Exception as e:   # no figure must not cost a finished run
@@ -261,16 +269,12 @@ class RunHooks:
         self._point(t, k + 1, out, syn, syn_row=k)
 
     def _point(self, t: int, step: int, out: Optional[Dict[str, Any]], syn, syn_row: int) -> None:
-        import torch
-
         trainer = self.trainer
         rec: Dict[str, Any] = {"task": trainer.tasks[t].name, "task_index": t, "step": step,
                                "global_step": self.global_step(t, step)}
         if out is not None and "loss_ce" in out:
             v = out["loss_ce"].detach().float().reshape(1)
             if trainer.dist.enabled:              # each process holds its shard's CE: their mean
-                from gift_fast.distributed import all_reduce_tensors_
-
                 all_reduce_tensors_([v], trainer.dist, average=True)
             rec["train_loss"] = float(v)
         model = trainer.model
@@ -287,25 +291,17 @@ class RunHooks:
             model.train(was_training)
         if not self.main:
             return
-        from gift_fast.models import append_text_line
-
         append_text_line(trainer.out / CURVES_FILE, json.dumps(rec))
         self._scalars({f"curves/{k}": float(v) for k, v in rec.items()
                        if k not in ("task", "task_index", "step", "global_step")}, rec["global_step"])
 
     def _distill_ce(self, syn: Dict[str, Any], k: int) -> float:
         """H(p_teacher, p_student) on the global synthetic batch of step ``k`` (module docstring)."""
-        import torch.nn.functional as F
-
-        from gift_fast.evaluate import autocast
-        from gift_fast.text import encode_text
-        from gift_fast.train import normalize_batch
-
         tr = self.trainer
         i = syn["idx"][k]
         kk = syn["labels"][i]
         x = normalize_batch(syn["images"][i], tr.bundle.mean, tr.bundle.std)
-        with autocast(tr.device, tr.cfg.bf16):
+        with tr.precision.autocast():
             img = tr.model.encode_image(x)
             txt = encode_text(tr.model, syn["tokens"][kk])
         s, tau = tr.logit_scale, tr.cfg.temperature
@@ -319,22 +315,16 @@ class RunHooks:
 
     def _test_loss_acc(self, j: int):
         """Cross entropy (mean over images) and top-1 accuracy (%) of the current model on task j's test set."""
-        import torch
-        import torch.nn.functional as F
-
-        from gift_fast.distributed import all_reduce_sum
-        from gift_fast.evaluate import autocast, iter_eval_batches, zero_shot_classifier
-
         tr = self.trainer
         task = tr.tasks[j]
         if task.test is None or len(task.test) == 0:
             raise ValueError(f"--track {task.name}: the task has no test data")
         W = zero_shot_classifier(tr.model, tr.bundle.tokenizer, task.classnames, task.templates, device=tr.device,
-                                 bf16=tr.cfg.bf16)
+                                 bf16=tr.precision.bf16)
         sums = torch.zeros(3, dtype=torch.float64, device=tr.device)    # loss sum, correct, count
         start, stop = tr.dist.span(len(task.test))
         for x, y in iter_eval_batches(task.test, tr.cfg.eval_batch_size, tr.device, tr.cfg.num_workers, start, stop):
-            with autocast(tr.device, tr.cfg.bf16):
+            with tr.precision.autocast():
                 img = tr.model.encode_image(x)
             logits = 100.0 * F.normalize(img.float(), dim=-1) @ W.T
             y = y.long()
@@ -350,8 +340,6 @@ class RunHooks:
         path = self.trainer.out / CURVES_FILE
         if not self.main or not path.is_file():
             return
-        from gift_fast.models import atomic_write_text
-
         keep = []
         with open(path) as fh:
             for line in fh:
@@ -367,8 +355,6 @@ class RunHooks:
 
 
 def _plain_config(cfg) -> Dict[str, Any]:
-    import dataclasses
-
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 

@@ -15,6 +15,10 @@ import os
 import re
 from typing import Any, Iterable, Optional, Tuple
 
+from gift_fast.config import task_order
+from gift_fast.data.toy import TOY_TASKS
+from gift_fast.models import TINY_MODEL_CONFIGS, is_tiny
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -98,8 +102,6 @@ def check_order(order: Optional[int]) -> None:
     """MTIL has order 1 and order 2 (gift_fast.config's message)."""
     if order is None:
         return
-    from gift_fast.config import task_order
-
     try:
         task_order(order)
     except ValueError as e:
@@ -108,8 +110,6 @@ def check_order(order: Optional[int]) -> None:
 
 def check_train_config(cfg, world_size: int = 1) -> None:
     """Every numeric field of a ``TrainConfig`` in range, and its combinations consistent (pure checks)."""
-    from gift_fast.models import is_tiny
-
     check_int("--steps", cfg.steps, low=1)
     check_int("--batch-size", cfg.batch_size, low=1)
     check_int("--syn-batch-size", cfg.syn_batch_size, low=1)
@@ -117,7 +117,7 @@ def check_train_config(cfg, world_size: int = 1) -> None:
     check_float("--lr", cfg.lr, low=0, low_open=True, hint="a learning rate of 0 trains nothing")
     check_float("--cd-weight", cfg.cd_weight, low=0)
     check_float("--ita-weight", cfg.ita_weight, low=0)
-    check_float("--l2", cfg.l2, low=0)
+    check_float("--consolidation-weight", cfg.consolidation_weight, low=0)
     check_float("--awc-decay", cfg.awc_decay, low=0, high=1, high_open=True)
     check_int("--fisher-batches", cfg.fisher_batches, low=1)
     check_float("--temperature", cfg.temperature, low=0, low_open=True)
@@ -162,14 +162,10 @@ def check_train_config(cfg, world_size: int = 1) -> None:
 
 
 def _toy_world(cfg) -> bool:
-    from gift_fast.data.toy import TOY_TASKS
-
     return bool(cfg.toy or (cfg.tasks and all(n in TOY_TASKS for n in cfg.tasks)))
 
 
 def _tiny_names():
-    from gift_fast.models import TINY_MODEL_CONFIGS
-
     return list(TINY_MODEL_CONFIGS)
 
 

@@ -58,7 +58,7 @@ def test_read_class_order_file_formats_and_errors(tmp_path):
 
 
 def test_parse_class_order():
-    from gift_fast.cil import CILConfig, parse_class_order
+    from gift_fast.cil_trainer import CILConfig, parse_class_order
 
     assert CILConfig("cifar100-cil", 10).class_order == "zscl"
     assert parse_class_order("zscl") == ("zscl", None)
@@ -96,7 +96,7 @@ def _cfg(out, root, **kw):
 
 
 def test_default_and_file_orders_are_recorded(fake_root, bundle, tmp_path):
-    from gift_fast.cil import CILConfig, CILTrainer
+    from gift_fast.cil_trainer import CILConfig, CILTrainer
 
     with relaxed_md5_checks():
         tr = CILTrainer(_cfg(tmp_path / "z", fake_root), CILConfig("cifar100-cil", 2, iterations=1), bundle=bundle)
@@ -116,7 +116,7 @@ def test_default_and_file_orders_are_recorded(fake_root, bundle, tmp_path):
 def test_old_run_folder_resumes_on_its_recorded_order(fake_root, bundle, tmp_path):
     """A run started when seed:1993 was the default: --resume without --class-order takes the recorded
     order (recorded_class_order); the new default on that folder is refused with the reason."""
-    from gift_fast.cil import CILConfig, CILTrainer, recorded_class_order
+    from gift_fast.cil_trainer import CILConfig, CILTrainer, recorded_class_order
 
     out = tmp_path / "old"
     with relaxed_md5_checks():

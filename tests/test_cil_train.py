@@ -59,7 +59,7 @@ def _cfg(out, root, **kw):
 
 
 def test_one_pass_evaluation_equals_per_step_evaluation(fake_root, bundle):
-    from gift_fast.cil import cil_step_accuracies
+    from gift_fast.cil_trainer import cil_step_accuracies
     from gift_fast.evaluate import evaluate_tasks
     with relaxed_md5_checks():
         bench = dcil.build_cil("cifar100-cil", 5, fake_root, image_size=32, mean=bundle.mean, std=bundle.std,
@@ -72,7 +72,7 @@ def test_one_pass_evaluation_equals_per_step_evaluation(fake_root, bundle):
 
 
 def test_cil_trainer_end_to_end_and_resume(fake_root, bundle, tmp_path):
-    from gift_fast.cil import CILConfig, CILTrainer
+    from gift_fast.cil_trainer import CILConfig, CILTrainer
     cfg = _cfg(tmp_path / "run", fake_root)
     with relaxed_md5_checks():
         tr = CILTrainer(cfg, CILConfig("cifar100-cil", 2, iterations=2), bundle=bundle)
@@ -110,7 +110,7 @@ def test_cil_trainer_end_to_end_and_resume(fake_root, bundle, tmp_path):
 
 
 def test_tinyimagenet_settings_reach_the_optimizer(fake_root, bundle, tmp_path):
-    from gift_fast.cil import CILConfig, CILTrainer
+    from gift_fast.cil_trainer import CILConfig, CILTrainer
     tr = CILTrainer(_cfg(tmp_path / "t", fake_root, method="finetune", synth=None),
                     CILConfig("tinyimagenet-cil", 5), bundle=bundle)
     assert tr.cfg.label_smoothing == 0.0 and tr.weight_decay == 0.1
@@ -121,7 +121,7 @@ def test_tinyimagenet_settings_reach_the_optimizer(fake_root, bundle, tmp_path):
 
 
 def test_config_errors():
-    from gift_fast.cil import CILConfig, parse_class_order
+    from gift_fast.cil_trainer import CILConfig, parse_class_order
     with pytest.raises(ValueError, match="equal steps"):
         CILConfig("cifar100-cil", 7)
     with pytest.raises(ValueError, match="unknown class-incremental benchmark"):
@@ -132,7 +132,7 @@ def test_config_errors():
 
 
 def test_report_table_next_to_the_seed():
-    from gift_fast.cil import cil_report_table
+    from gift_fast.cil_trainer import cil_report_table
     runs = [{"benchmark": "cifar100-cil", "cil_steps": 10, "label": "gift", "seed": s, "avg": a, "last": l,
              "step_accuracies": [0.0] * 10, "zero_shot": {"avg": 70.0, "last": 60.0}}
             for s, a, l in ((0, 80.0, 70.0), (1, 82.0, 72.0))]

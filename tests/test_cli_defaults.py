@@ -21,10 +21,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def train_cfgs(monkeypatch):
     """Run `gift-fast train ...` in process up to the run: the TrainConfigs it would run."""
     import gift_fast.report
-    import gift_fast.train
+    import gift_fast.runs
 
     seen = []
-    monkeypatch.setattr(gift_fast.train, "run_many", lambda cfgs, **kw: seen.extend(cfgs) or [])
+    monkeypatch.setattr(gift_fast.runs, "run_many", lambda cfgs, **kw: seen.extend(cfgs) or [])
     monkeypatch.setattr(gift_fast.report, "report", lambda *a, **k: "")
 
     def run(*args):
@@ -102,17 +102,16 @@ def test_on_the_fly_generator_is_built_from_the_config(monkeypatch, tmp_path):
     import gift_fast.preflight
     from gift_fast.distributed import SINGLE
     from gift_fast.synth.generators import StableDiffusionGenerator
-    from gift_fast.train import ContinualTrainer, TrainConfig
+    from gift_fast.replay import SyntheticReplay
+    from gift_fast.train import TrainConfig
 
     built = {}
     monkeypatch.setattr(StableDiffusionGenerator, "from_config",
                         classmethod(lambda cls, c, device=None, local_files_only=None: built.update(c=c, d=device)
                                     or "generator"))
     monkeypatch.setattr(gift_fast.preflight, "check_sd_model", lambda model, option="--sd-model": True)
-    trainer = object.__new__(ContinualTrainer)
-    trainer.cfg, trainer.generator, trainer.device, trainer.dist = (
-        TrainConfig(synth="on-the-fly", progress=False, sd_steps=25), None, CUDA, SINGLE)
-    assert trainer._get_generator() == "generator" and trainer._synth_batch_size() == 32
+    replay = SyntheticReplay(TrainConfig(synth="on-the-fly", progress=False, sd_steps=25), device=CUDA, dist=SINGLE)
+    assert replay.generator() == "generator" and replay.synth_batch_size() == 32
     assert built["c"] == GeneratorConfig(steps=25).resolve(CUDA) and built["c"].compile == "unet"
 
 
@@ -162,10 +161,10 @@ def test_train_renamed_options_new_and_old(train_cfgs):
 
 
 def test_increments_new_and_old(monkeypatch):
-    import gift_fast.cil
+    import gift_fast.cil_trainer
 
     seen = []
-    monkeypatch.setattr(gift_fast.cil, "run_cil_command", lambda bench, opts, **kw: seen.append(opts) or "ok")
+    monkeypatch.setattr(gift_fast.cil_trainer, "run_cil_command", lambda bench, opts, **kw: seen.append(opts) or "ok")
     for args in (["--increments", "10"], ["--steps", "10"]):
         r = CliRunner().invoke(main, ["train", "--benchmark", "cifar100-cil", *args], catch_exceptions=False)
         assert r.exit_code == 0, r.output

@@ -210,7 +210,7 @@ def test_an_error_in_a_jobs_worker_reaches_the_parent_as_a_sentence(tmp_path):
 
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
     """A bug is not an expected failure: no sentence, the exception itself."""
-    import gift_fast.train as train_mod
+    import gift_fast.runs as train_mod
 
     def bug(*a, **kw):
         raise KeyError("a bug")

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from gift_fast.train import plan_runs, preset_config, run_many
+from gift_fast.run_config import preset_config
+from gift_fast.runs import plan_runs, run_many
 
 
 @pytest.mark.slow

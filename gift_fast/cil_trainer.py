@@ -2,7 +2,8 @@
 
 The protocol and the data are ``gift_fast.data.cil``'s (DyTox's protocol, as ZSCL's CIL code runs it
 for CLIP). This module runs it with the continual trainer of ``gift_fast.train``, changing only what
-class-incremental learning changes:
+class-incremental learning changes (the trainer's ``task_schedule``, ``evaluate_all``, ``base_classnames`` and
+result files):
 
 * the tasks are the steps (``CILBenchmark.tasks``): the CE of step t is over **the step's classes
   only**, as in ZSCL's CIL code (its text classifier during training is the current step's class
@@ -19,17 +20,19 @@ class-incremental learning changes:
 * the synthetic class pool's base set is the benchmark's 100 non-overlapping ImageNet names;
 * iterations per step: by default one epoch of the step's training images (``len // batch``,
   ZSCL's CIL setting; steps differ in size: TinyImageNet's base step has 100 classes), or a fixed
-  ``iterations``; the warm-up is ``min(warmup, ceil(10 % of the step's iterations))``.
+  ``iterations``; the warm-up is ``min(warmup, ceil(10 % of the step's iterations))`` (``task_schedule``).
 
 Run folder (besides the trainer's config.json, log.jsonl, acc_matrix.csv, checkpoints/):
 ``cil-split.json`` (class order, steps, base class set), ``synth-tasks.json`` (for ``gift-fast synth
 --task-file``), ``cil.json`` (the CIL settings; checked on resume), ``cil_accuracies.json`` (after
-each step), ``metrics.json`` (Avg / Last, the zero-shot Avg / Last, the seed's row) and
+each step), ``metrics.json`` (Avg / Last, the zero-shot Avg / Last, the published rows under ``"paper"``; runs written
+before call it ``"seed_paper"``) and
 ``cil_report.md`` (this run next to the seed's Tab. 7 / 8).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,13 +40,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from gift_fast.builders import load_bundle, resolve_device
 from gift_fast.data.cil import (DEFAULT_BASE_SEED, DEFAULT_CLASS_ORDER_SEED, PROTOCOLS, SEED_TABLE_NAMES, CILBenchmark,
-                                build_cil, protocol, seed_results)
+                                build_cil, protocol, read_class_order_file, seed_results)
+from gift_fast.evaluate import iter_eval_batches, zero_shot_classifier
+from gift_fast.files import atomic_write_text, write_json
 from gift_fast.metrics import cil_metrics
-from gift_fast.train import ContinualTrainer, TrainConfig, load_bundle, resolve_device, write_json
+from gift_fast.precision import autocast
+from gift_fast.run_config import TrainConfig
+from gift_fast.run_folder import check_new_folder, is_run_folder, mark, write_acc_csv
+from gift_fast.runs import plan_runs, run_many
+from gift_fast.schedule import TaskSchedule
+from gift_fast.train import ContinualTrainer
 
 CIL_BENCHMARKS = tuple(PROTOCOLS)
 
@@ -113,10 +126,6 @@ def cil_step_accuracies(model, tokenizer, bench: CILBenchmark, *, device: torch.
     Equal to ``evaluate_tasks(model, tokenizer, bench.eval_tasks)``, with one pass over the images:
     the classifier of step j is the first n_j rows of the classifier over all classes in class order
     (each row depends on its class alone), and the test images of step j are those with label < n_j."""
-    from tqdm.auto import tqdm
-
-    from gift_fast.evaluate import autocast, iter_eval_batches, zero_shot_classifier
-
     last = bench.eval_tasks[-1]
     ends = torch.tensor([len(e.classnames) for e in bench.eval_tasks], device=device)
     was_training = model.training
@@ -152,8 +161,6 @@ class CILTrainer(ContinualTrainer):
                  generator=None):
         self.cil = cil
         out = Path(cfg.out)
-        from gift_fast.run_folder import check_new_folder, is_run_folder, mark
-
         if not is_run_folder(out):       # the benchmark writes its records into the folder: claim it first
             check_new_folder(out, force=cfg.force)
         mark(out)
@@ -166,8 +173,6 @@ class CILTrainer(ContinualTrainer):
             rule, seed = parse_class_order(cil.class_order)
             source = None
             if rule == "file":               # seed holds the path: the order is the file's list
-                from gift_fast.data.cil import read_class_order_file
-
                 rule, source, seed = read_class_order_file(seed), f"file {seed}", None
             benchmark = build_cil(cil.benchmark, cil.steps, cfg.data_root, order=rule, order_source=source,
                                   seed=seed if seed is not None else DEFAULT_CLASS_ORDER_SEED,
@@ -206,29 +211,24 @@ class CILTrainer(ContinualTrainer):
                 "protocol": dataclasses.asdict(self.bench.protocol)}
 
     # ------------------------------------------------------------------ what CIL changes
-    def _base_classnames(self) -> List[str]:
+    def base_classnames(self) -> List[str]:
         return list(self.bench.base_classnames)
 
-    def make_step(self, lr: float):
-        step, optimizer, scheduler = super().make_step(lr)
-        for group in optimizer.param_groups:            # AdamW reads it from the group at every step
-            group["weight_decay"] = self.weight_decay
-        return step, optimizer, scheduler
+    def task_schedule(self, t: int) -> TaskSchedule:
+        """Step ``t``'s own iterations, a warm-up of at most 10 % of them, the benchmark's weight decay."""
+        iters = self.step_iterations[t]
+        return TaskSchedule(lr=self.cfg.task_lr(self.tasks[t]), steps=iters,
+                            warmup=min(self.cfg.warmup, max(1, math.ceil(0.1 * iters))),
+                            weight_decay=self.weight_decay)
 
     def train_task(self, t: int) -> Dict[str, Any]:
-        iters = self.step_iterations[t]
-        saved = self.cfg.steps, self.cfg.warmup
-        self.cfg.steps, self.cfg.warmup = iters, min(self.cfg.warmup, max(1, math.ceil(0.1 * iters)))
-        try:
-            info = super().train_task(t)
-        finally:
-            self.cfg.steps, self.cfg.warmup = saved
-        info["warmup"] = min(saved[1], max(1, math.ceil(0.1 * iters)))
+        info = super().train_task(t)
+        info["warmup"] = self.task_schedule(t).warmup
         return info
 
     def evaluate_all(self) -> List[float]:
         return cil_step_accuracies(self.model, self.bundle.tokenizer, self.bench, device=self.device,
-                                   bf16=self.cfg.bf16, batch_size=self.cfg.eval_batch_size,
+                                   bf16=self.precision.bf16, batch_size=self.cfg.eval_batch_size,
                                    num_workers=self.cfg.num_workers, progress=self.cfg.progress)
 
     def run(self) -> Dict[str, Any]:
@@ -246,8 +246,6 @@ class CILTrainer(ContinualTrainer):
         return super().run()
 
     def _write_results(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        from gift_fast.train import write_acc_csv
-
         write_acc_csv(self.out / "acc_matrix.csv", self.task_names, state["zero_shot"], state["acc"])
         done = len(state["acc"])
         steps_acc = [float(state["acc"][t][t]) for t in range(done)]
@@ -259,23 +257,19 @@ class CILTrainer(ContinualTrainer):
             "seen_classes": [len(e.classnames) for e in self.bench.eval_tasks]})
         if done < len(self.tasks):
             return None
-        label = self.cfg.label or self.method.label()
+        label = self.label
         metrics = {**cil_metrics(steps_acc), "transfer": None, "step_accuracies": steps_acc,
                    "zero_shot": {**cil_metrics(zero_shot), "step_accuracies": zero_shot},
                    "benchmark": self.cil.benchmark, "cil_steps": self.cil.steps, "tasks": self.task_names,
                    "label": label, "seed": self.cfg.seed,
-                   "seed_paper": {k: list(v) for k, v in seed_results(self.cil.benchmark, self.cil.steps).items()}}
+                   "paper": {k: list(v) for k, v in seed_results(self.cil.benchmark, self.cil.steps).items()}}
         write_json(self.out / "metrics.json", metrics)
-        from gift_fast.models import atomic_write_text
-
         atomic_write_text(self.out / "cil_report.md", cil_report_table([metrics]) + "\n")
         return metrics
 
 
 # =============================================================================== reports
 def _fmt(vals: Sequence[float]) -> str:
-    import numpy as np
-
     a = np.asarray(vals, dtype=np.float64)
     return f"{a.mean():.2f}" if a.size == 1 else f"{a.mean():.2f} ± {a.std(ddof=1):.2f}"
 
@@ -323,8 +317,6 @@ def cil_report(paths: Sequence[str], markdown: Optional[str] = None) -> str:
         found.setdefault((m["benchmark"], m["cil_steps"]), []).append(m)
     text = "\n\n".join(cil_report_table(ms) for _, ms in sorted(found.items()))
     if markdown:
-        from gift_fast.models import atomic_write_text
-
         Path(markdown).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(markdown, text + "\n")
     return text
@@ -335,6 +327,8 @@ def cil_report(paths: Sequence[str], markdown: Optional[str] = None) -> str:
 # TinyImageNet from DIR/tiny-imagenet-200.
 CLI_DEFAULTS = {"cifar100-cil": dict(data_root="data/mtil", data_cache="data/cache"),
                 "tinyimagenet-cil": dict(data_root="data", data_cache="data/cache")}
+
+
 def train_cil(cfg: TrainConfig, cil: CILConfig, **kw) -> Dict[str, Any]:
     """Run (or resume) one class-incremental run; returns its metrics (``avg``, ``last``, ...)."""
     if cfg.threads:
@@ -342,23 +336,16 @@ def train_cil(cfg: TrainConfig, cil: CILConfig, **kw) -> Dict[str, Any]:
     return CILTrainer(cfg, cil, **kw).run()
 
 
-def run_many_cil(cfgs: Sequence[TrainConfig], cil: CILConfig, progress: bool = True) -> List[Dict[str, Any]]:
-    """Run several configs (methods x seeds) one after the other; finished ones are skipped on resume."""
-    import sys
+def cil_summary_line(cil: CILConfig, cfg: TrainConfig, metrics: Dict[str, Any]) -> str:
+    """One line per finished class-incremental run."""
+    return f"{cfg.out}: {cil.benchmark} {cil.steps} steps  Avg {metrics['avg']:.2f}  Last {metrics['last']:.2f}"
 
-    out = []
-    for c in cfgs:
-        mp = Path(c.out) / "metrics.json"
-        if c.resume and mp.is_file():
-            with open(mp) as fh:
-                out.append(json.load(fh))
-            continue
-        m = train_cil(c, cil)
-        out.append(m)
-        if progress:
-            print(f"{c.out}: {cil.benchmark} {cil.steps} steps  Avg {m['avg']:.2f}  Last {m['last']:.2f}",
-                  file=sys.stderr, flush=True)
-    return out
+
+def run_many_cil(cfgs: Sequence[TrainConfig], cil: CILConfig, progress: bool = True) -> List[Dict[str, Any]]:
+    """Run several configs (methods x seeds) one after the other (``gift_fast.runs.run_many``); finished ones are
+    skipped on resume."""
+    return run_many(cfgs, progress=progress, run_one=functools.partial(train_cil, cil=cil),
+                    summary=functools.partial(cil_summary_line, cil))
 
 
 def recorded_class_order(out: str) -> Optional[str]:
@@ -383,10 +370,6 @@ def run_cil_command(benchmark: str, opts: Dict[str, Any], *, out: Optional[str],
     """``gift-fast train --benchmark cifar100-cil|tinyimagenet-cil --steps N ...``: the runs (methods x seeds)
     and their report (also written to ``<out>/report.md``). ``opts``: the TrainConfig options given on
     the command line; ``opts["steps"]`` is the number of class-incremental steps here."""
-    import os
-
-    from gift_fast.train import plan_runs
-
     opts = dict(opts)
     steps = opts.pop("steps", None)
     if steps is None:
