@@ -1,4 +1,4 @@
-"""GIFT's distillation losses: the plain PyTorch reference and the backend switch.
+"""GIFT's distillation losses: the plain PyTorch reference (the torch backend) and the backend switch.
 
 The math (docs/METHOD.md, "Distillation on the synthetic batch"):
 
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from gift_fast.backends import BACKENDS, resolve_backend  # noqa: F401  (BACKENDS re-exported: its old home)
 
 MODES = ("contrastive", "image_only", "text_only", "kl")   # the similarity matrices gift_distill_loss compares
-# The modes only the torch backend computes; the fused kernel's own list (gift_fast.kernels.contrastive_distill.MODES,
-# the kernels import nothing from here) is MODES without these, in this order (tests/test_kernel_contrastive_distill.py).
+# The modes only the torch backend computes. The fused kernel's own list (gift_fast.kernels.contrastive_distill.MODES;
+# the kernels import nothing from here) is MODES without these, in this order: a test keeps the two in step.
 TORCH_ONLY_MODES = ("kl",)
 # The distillation losses of the method (Tab. 4a): the one list. The CLI spells them with hyphens (image-only).
 DISTILL_MODES = MODES + ("feature",)

@@ -1,6 +1,6 @@
 """Fused AWC on flat parameter buckets: Triton kernels and the buckets that own them.
 
-The plain PyTorch reference is ``gift_fast.awc.AdaptiveWeightConsolidation(backend="torch")``;
+The plain PyTorch reference (the torch backend) is ``gift_fast.awc.AdaptiveWeightConsolidation(backend="torch")``;
 ``backend="triton"`` builds a :class:`FlatAWC` and forwards to it. Per step, per bucket:
 
 1. ``_awc_block_sumsq_kernel``: sum(g^2) of every block (a block lies in one tensor);
@@ -16,7 +16,7 @@ then one ``sum`` of the penalty partials of all buckets on the device. ``fisher=
 the same update kernel with compile-time switches (UPDATE_FISHER, APPLY_PENALTY, UNIFORM).
 
 Bytes moved per fp32 parameter (adaptive, decay > 0): read g twice, p, theta*, F; write F
-and g: 28 B. With decay = 0 (the reference default) F is not read: 24 B.
+and g: 28 B. With decay = 0 (AdaptiveWeightConsolidation's default) F is not read: 24 B.
 
 Flat buckets
 ------------
@@ -126,7 +126,7 @@ def _awc_update_kernel(param_ptr, anchor_ptr, grad_ptr, fisher_ptr, pen_ptr,
         a = tl.load(anchor_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = p - a
         fd = f * d
-        pen_grad = two_strength * f * d  # (2 * strength) * F * d, the reference's order
+        pen_grad = two_strength * f * d  # (2 * strength) * F * d, the torch backend's order
         if GRAD_F64:
             g_new = g_raw.to(tl.float64) + pen_grad.to(tl.float64)
         else:

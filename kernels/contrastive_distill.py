@@ -1,6 +1,6 @@
 """Fused Triton kernels for GIFT's contrastive distillation (CD) + image-text alignment (ITA).
 
-The math is ``gift_fast.losses`` (the plain PyTorch reference). With X, Y the student
+The math is ``gift_fast.losses`` (the plain PyTorch reference, the torch backend). With X, Y the student
 sides of the mode (contrastive: img_s, txt_s; image_only: img_s, txt_t; text_only:
 img_t, txt_s) and X', Y' the teacher (img_t, txt_t), rows normalized by
 ``n(x) = x / max(||x||, 1e-12)`` (F.normalize):
@@ -72,6 +72,8 @@ PART_SHARED_BYTES = 8 * 2 ** 20
 _EPS = tl.constexpr(1e-12)       # F.normalize's eps
 _NEG = tl.constexpr(-1.0e30)     # finite "-inf": 0 * (x - _NEG) stays 0, never inf * 0
 _N_STATS = 9                     # per partial slot: m, l1, l2, mp, lp, w, a, b, c
+# The modes this kernel computes: gift_fast.losses.MODES without its torch-only ones, same order and meaning
+# (tests/test_kernel_contrastive_distill.py keeps the two lists in step; nothing here imports gift_fast).
 MODES = ("contrastive", "image_only", "text_only")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

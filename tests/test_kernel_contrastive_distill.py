@@ -425,3 +425,23 @@ if __name__ == "__main__":
 
     if "--aot" in sys.argv:
         _aot_compile_sm90()
+
+
+def test_the_kernel_modes_are_the_losses_modes_it_computes():
+    """The kernel keeps its own MODES (kernels/ import nothing from gift_fast): it must stay gift_fast.losses.MODES
+    without the torch-only ones, in the same order and with the same meaning, so the two lists cannot drift."""
+    from gift_fast.losses import MODES, TORCH_ONLY_MODES
+
+    assert cdk.MODES == tuple(m for m in MODES if m not in TORCH_ONLY_MODES)
+    assert set(TORCH_ONLY_MODES) <= set(MODES)
+
+
+def test_one_interpreter_check_for_every_kernel(monkeypatch):
+    import gift_fast.kernels.awc as awck
+    from gift_fast.kernels import utils
+
+    assert cdk.interpreting is utils.interpreting and awck.interpreting is utils.interpreting
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+    assert utils.interpreting()
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    assert not utils.interpreting()
