@@ -7,6 +7,10 @@
        gradients), label smoothing; backward, accumulating into the same .grad;
     4. the optimizer step (and the LR scheduler), then the gradients are cleared.
 
+Step 1 on its own is ``GiftStep.distill_backward``; EWC-V's Fisher pass before a task reuses
+it (``GiftStep.fisher_batch``). The forward passes run under the step's ``Precision``
+(gift_fast.precision), decided once by the caller.
+
 Nothing here reads a value back to the host: the losses come back as device
 tensors, so a loop can log them every N steps without a sync per step.
 
