@@ -7,16 +7,15 @@ picks one with ``--kernels`` / ``backend=``:
 * ``"torch"``: the plain PyTorch code, on any device;
 * ``"triton"``: the fused kernels (CUDA tensors; on the CPU only under ``TRITON_INTERPRET=1``, for tests);
 * ``"auto"``: Triton when every tensor concerned is on CUDA and Triton imports, else torch.
+
+This module imports neither torch nor Triton, so the CLI can offer ``BACKENDS`` as ``--kernels`` choices
+without paying for them at start-up.
 """
 from __future__ import annotations
 
-from typing import Iterable, Union
-
-import torch
+from typing import Any
 
 BACKENDS = ("torch", "triton", "auto")
-
-TensorsOrDevice = Union[torch.Tensor, torch.device, str, Iterable[torch.Tensor]]
 
 
 def check_backend(backend: str, what: str = "backend") -> str:
@@ -35,15 +34,18 @@ def triton_available() -> bool:
     return True
 
 
-def _on_cuda(where: TensorsOrDevice) -> bool:
-    if isinstance(where, torch.Tensor):
-        return where.is_cuda
-    if isinstance(where, (torch.device, str)):
-        return torch.device(where).type == "cuda"
+def _on_cuda(where: Any) -> bool:
+    """A tensor, a ``torch.device``, a device string, or an iterable of tensors (all of them) on CUDA."""
+    if hasattr(where, "is_cuda"):                   # a tensor
+        return bool(where.is_cuda)
+    if isinstance(where, str):                      # "cuda", "cuda:1", "cpu"
+        return where.split(":", 1)[0] == "cuda"
+    if hasattr(where, "type") and hasattr(where, "index"):   # a torch.device
+        return where.type == "cuda"
     return all(t.is_cuda for t in where)
 
 
-def resolve_backend(backend: str, where: TensorsOrDevice, *, what: str = "backend") -> str:
+def resolve_backend(backend: str, where: Any, *, what: str = "backend") -> str:
     """``"torch"`` or ``"triton"``: ``backend`` itself, or for ``"auto"`` Triton when ``where`` (a tensor, a
     device, or an iterable of tensors, all of which must be on CUDA) is on CUDA and Triton imports.
 

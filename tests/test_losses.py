@@ -263,3 +263,14 @@ def test_one_backend_resolver_for_the_loss_and_the_consolidation(monkeypatch):
     assert gift_fast.awc.AdaptiveWeightConsolidation(model.named_parameters(), backend="auto").backend == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         gift_fast.awc.AdaptiveWeightConsolidation(model.named_parameters(), backend="cuda")
+
+
+def test_the_backend_list_imports_without_torch():
+    """The CLI offers gift_fast.backends.BACKENDS as --kernels choices: importing it must not import torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, gift_fast.backends as b; assert 'torch' not in sys.modules, 'torch'; print(b.BACKENDS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "('torch', 'triton', 'auto')"
