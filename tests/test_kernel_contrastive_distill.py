@@ -420,13 +420,6 @@ def test_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-4000:]
 
 
-if __name__ == "__main__":
-    import sys
-
-    if "--aot" in sys.argv:
-        _aot_compile_sm90()
-
-
 def test_the_kernel_modes_are_the_losses_modes_it_computes():
     """The kernel keeps its own MODES (kernels/ import nothing from gift_fast): it must stay gift_fast.losses.MODES
     without the torch-only ones, in the same order and with the same meaning, so the two lists cannot drift."""
@@ -445,3 +438,10 @@ def test_one_interpreter_check_for_every_kernel(monkeypatch):
     assert utils.interpreting()
     monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
     assert not utils.interpreting()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--aot" in sys.argv:
+        _aot_compile_sm90()
