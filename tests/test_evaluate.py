@@ -1,4 +1,5 @@
 """Zero-shot evaluation against a direct computation."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
@@ -6,6 +7,7 @@ from torch.utils.data import Dataset, TensorDataset
 from gift_fast.data.base import TaskSpec
 from gift_fast.evaluate import evaluate_task, evaluate_tasks, zero_shot_classifier
 from gift_fast.models import create_clip
+from gift_fast.precision import Precision
 
 
 class ListDataset(Dataset):
@@ -60,8 +62,6 @@ def test_accuracy_is_top1_of_100_cosine_logits_for_every_data_path():
 
 
 def test_empty_test_set_is_a_clear_error():
-    import pytest
-
     b = _bundle()
     task = TaskSpec("Empty", ["a"], ["{}"], test=TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0).long()))
     with pytest.raises(ValueError, match="no test data"):
@@ -70,8 +70,6 @@ def test_empty_test_set_is_a_clear_error():
 
 def test_bf16_on_a_gpu_without_support_is_refused_as_train_refuses_it(monkeypatch):
     # `gift-fast eval --bf16` goes through these functions: the same check as `train` (gift_fast.precision)
-    import pytest
-
     b = _bundle()
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     task = TaskSpec("T", ["a", "b"], ["{}"], test=TensorDataset(torch.zeros(2, 3, 32, 32), torch.zeros(2).long()))
@@ -84,8 +82,6 @@ def test_bf16_on_a_gpu_without_support_is_refused_as_train_refuses_it(monkeypatc
 
 
 def test_a_precision_resolved_once_gives_the_same_accuracy():
-    from gift_fast.precision import Precision
-
     b = _bundle()
     g = torch.Generator().manual_seed(2)
     task = TaskSpec("T", ["red", "blue"], ["a photo of a {}."],

@@ -1,11 +1,15 @@
 """The losses' torch backend (the plain PyTorch reference) against an independent float64 evaluation of
 docs/METHOD.md's formulas."""
 import math
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 import torch
 
+import gift_fast.awc
+import gift_fast.backends as backends
+import gift_fast.losses as losses
 from gift_fast.losses import feature_distill_loss, gift_distill_loss
 
 
@@ -242,10 +246,6 @@ def test_bad_input_names_the_argument(bad, match):
 
 
 def test_one_backend_resolver_for_the_loss_and_the_consolidation(monkeypatch):
-    import gift_fast.awc
-    import gift_fast.backends as backends
-    import gift_fast.losses as losses
-
     assert losses.resolve_backend is backends.resolve_backend and losses.BACKENDS is backends.BACKENDS
     assert gift_fast.awc.BACKENDS is backends.BACKENDS
     cpu, x = torch.device("cpu"), torch.zeros(2)
@@ -267,9 +267,6 @@ def test_one_backend_resolver_for_the_loss_and_the_consolidation(monkeypatch):
 
 def test_the_backend_list_imports_without_torch():
     """The CLI offers gift_fast.backends.BACKENDS as --kernels choices: importing it must not import torch."""
-    import subprocess
-    import sys
-
     code = "import sys, gift_fast.backends as b; assert 'torch' not in sys.modules, 'torch'; print(b.BACKENDS)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

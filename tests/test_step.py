@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from gift_fast.awc import AdaptiveWeightConsolidation
-from gift_fast.step import GiftStep, StepConfig, compile_blocks
+from gift_fast.losses import DISTILL_MODES as LOSS_DISTILL_MODES
+from gift_fast.precision import Precision, autocast
+from gift_fast.step import DISTILL_MODES, GiftStep, StepConfig, compile_blocks, distillation_loss
 
 
 def tiny_clip(dtype=torch.float64):
@@ -161,8 +163,6 @@ def test_bad_distill_mode():
 def test_feature_distillation_keeps_ita(ita_weight):
     """--distill feature: weight * (F.mse_loss(n(I'), n(I)) + F.mse_loss(n(T'), n(T))) plus ITA, as the authors'
     --feature_mse run computes it (float64, written out without the project's loss code)."""
-    from gift_fast.step import distillation_loss
-
     model = tiny_clip()
     b = batch()
     t_img, t_txt = (x + 0.1 for x in teacher_embeddings(model, b))
@@ -185,9 +185,6 @@ def test_feature_distillation_keeps_ita(ita_weight):
 def _old_static_fisher(model, awc, step, batches, t_img, t_txt):
     """The trainer's EWC-V Fisher loop as it was written before GiftStep.fisher_batch (issue 15): its own
     L_kd forward under autocast, backward, gradient reduction and Fisher update."""
-    from gift_fast.precision import autocast
-    from gift_fast.step import distillation_loss
-
     for b in batches:
         step.zero_grad()
         with autocast(b["syn_images"].device, step.cfg.bf16):
@@ -235,8 +232,6 @@ def test_distill_backward_is_the_steps_l_kd_half():
     loss = step.distill_backward(b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     step.zero_grad()
-    from gift_fast.step import distillation_loss
-
     want = distillation_loss(model, b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt, step.cfg)
     want.backward()
     assert torch.equal(loss, want.detach())
@@ -251,8 +246,6 @@ def test_distill_backward_is_the_steps_l_kd_half():
 
 
 def test_step_precision_is_decided_once():
-    from gift_fast.precision import Precision
-
     model = tiny_clip(torch.float32)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     assert GiftStep(model, opt, StepConfig(bf16=True)).precision == Precision(torch.device("cpu"), True)
@@ -283,7 +276,4 @@ def test_the_step_clears_what_the_consolidation_does_not_own():
 
 
 def test_the_step_distill_modes_are_the_losses_plus_none():
-    from gift_fast.losses import DISTILL_MODES as LOSS_MODES
-    from gift_fast.step import DISTILL_MODES
-
-    assert DISTILL_MODES == LOSS_MODES + ("none",)
+    assert DISTILL_MODES == LOSS_DISTILL_MODES + ("none",)
