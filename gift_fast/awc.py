@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from gift_fast.backends import BACKENDS, check_backend, resolve_backend  # noqa: F401  (BACKENDS re-exported: its old home)
+from gift_fast.backends import BACKENDS, check_backend, resolve_backend  # noqa: F401  (BACKENDS: its old home)
 
 FISHER_KINDS = ("adaptive", "uniform", "static")
 ZERO_GRAD_FISHER = 1e-6
