@@ -2,7 +2,7 @@
 
 Variants, timed in the same process on the same shapes (float32 parameters, as trained):
   triton   AdaptiveWeightConsolidation(backend="triton"): flat buckets, fused kernels
-  loop     the torch reference: the per-tensor loop the authors' code runs
+  loop     the torch backend (the plain PyTorch reference): the per-tensor loop the authors' code runs
   foreach  gift_fast.awc.foreach_awc_step: torch._foreach ops (one host sync per step)
 Models: ViT-B/16 (149.6 M parameters) and ViT-L/14 (427.6 M), shapes from open_clip's
 configs (see ``clip_param_shapes``; checked against open_clip when it imports).
@@ -10,7 +10,7 @@ configs (see ``clip_param_shapes``; checked against open_clip when it imports).
 The device-to-device copy bandwidth is measured in the same run; each result records
 the bytes it must move and that rate as a fraction of the copy bandwidth. Bytes per fp32
 parameter: 28 (bench/RESULTS.md's floor: read g twice, p, theta*, F; write F and g) when
-F is a running estimate (decay > 0); 24 with decay = 0, the reference default, where the
+F is a running estimate (decay > 0); 24 with decay = 0, AdaptiveWeightConsolidation's default, where the
 old F is not read. Times are triton.testing.do_bench medians (CUDA events, L2 flushed);
 the tensors (GBs) are far larger than L2 anyway.
 
@@ -31,6 +31,7 @@ if not CUDA:  # the CPU smoke run: Triton through the interpreter (before triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gift_fast.awc import AdaptiveWeightConsolidation, foreach_awc_step  # noqa: E402
+from gift_fast.versions import package_versions  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 BYTES_PER_PARAM = {True: 28, False: 24}  # keyed by "the old F is read" (decay > 0)
@@ -161,8 +162,8 @@ def _record(benchmark, *, model, variant, ms, bytes_per_param, copy_bw, host_us,
                                      bytes_per_param=bytes_per_param, achieved_TBps=round(bw / 1e12, 3),
                                      copy_TBps=round(copy_bw / 1e12, 3), fraction_of_copy=round(bw / copy_bw, 3),
                                      host_us_per_call=round(host_us, 1), device=str(DEVICE),
-                                     gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__,
-                                     **extra))
+                                     gpu=torch.cuda.get_device_name() if CUDA else "cpu",
+                                     **package_versions(["torch"], python=False), **extra))
     print(f"\n{model} {variant}: {ms:.3f} ms, {bw / 1e12:.2f} TB/s = {bw / copy_bw:.2f} of copy, host {host_us:.0f} us")
 
 
@@ -196,7 +197,7 @@ def test_triton_matches_loop_on_clip_shapes(model):
 @pytest.mark.parametrize("model", MODELS)
 def test_awc_step(benchmark, copy_bandwidth, model, variant, decay):
     if variant != "triton" and decay != 0.0:
-        pytest.skip("the baselines are timed at the reference default decay = 0")
+        pytest.skip("the baselines are timed at the default decay = 0")
     named = _make_state(model)
     if variant == "foreach":
         params = [p for n, p in named if n != "logit_scale"]

@@ -1,13 +1,13 @@
 """CD+ITA loss, forward + backward: the fused Triton kernel against the plain PyTorch reference.
 
-Variants: ``triton`` (gift_distill_loss(backend="triton")), ``eager`` (the reference) and
-``compiled`` (torch.compile of the reference, dynamic=False), at B in {64, 256, 1024, 4096,
+Variants: ``triton`` (gift_distill_loss(backend="triton")), ``eager`` (the torch backend) and
+``compiled`` (torch.compile of the torch backend, dynamic=False), at B in {64, 256, 1024, 4096,
 16384}, D = 512, bf16 inputs (what training feeds); fp32 inputs at two sizes. These time
 back-to-back calls with CUDA events, so a slow host's Python / launch overhead is included.
 ``triton_graph`` and ``compiled_graph`` capture the same forward + backward (gradients into
 static buffers) in one CUDA graph per input set and time its replays: the GPU-side time, as a
 CUDA-graphed training step sees it. Each case first checks the loss and gradients against the
-float64 reference on the same values (a fast wrong kernel fails here, before it is timed; the
+float64 plain PyTorch reference on the same values (a fast wrong kernel fails here, before it is timed; the
 graph variants check the outputs of a replay).
 
 Recorded in ``extra_info`` (the numbers for bench/RESULTS.md): ``per_call_ms`` (median over
@@ -49,7 +49,7 @@ ROUNDS = 5
 _compiled = {}
 
 
-def _reference_loss(img_s, txt_s, img_t, txt_t, labels):
+def _torch_backend_loss(img_s, txt_s, img_t, txt_t, labels):
     parts = _gift_distill_parts_torch(img_s, txt_s, img_t, txt_t, labels, KW["logit_scale"], KW["temperature"],
                                       KW["label_smoothing"], KW["cd_weight"], KW["ita_weight"], "contrastive")
     return parts.sum()
@@ -62,7 +62,7 @@ def _loss_fn(variant):
     if variant == "eager":
         return lambda *a: gift_distill_loss(*a, backend="torch", **KW)
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(_reference_loss, dynamic=False)
+        _compiled["fn"] = torch.compile(_torch_backend_loss, dynamic=False)
     return _compiled["fn"]
 
 
@@ -95,7 +95,7 @@ def _check_against_float64(loss_fn, inputs, dtype, graphed=None):
         torch.cuda.synchronize()
         loss = graphed[1]
     ra, rb = (x.detach().double().requires_grad_(True) for x in (a, b))
-    ref = _reference_loss(ra, rb, img_t.double(), txt_t.double(), labels)
+    ref = _torch_backend_loss(ra, rb, img_t.double(), txt_t.double(), labels)
     ref.backward()
     errs = {"loss": abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-12)}
     for name, got, want in (("grad_img", a.grad, ra.grad), ("grad_txt", b.grad, rb.grad)):

@@ -48,7 +48,11 @@ import time
 import pytest
 import torch
 
+from gift_fast.files import atomic_write_text
+from gift_fast.synth.engine import synthesize_task
 from gift_fast.synth.generators import StableDiffusionGenerator, random_pipeline
+from gift_fast.synth.prompts import imagenet_classnames, sample_prompts
+from gift_fast.versions import package_versions
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -74,10 +78,8 @@ _STATE = {}
 
 def _prompts(n, offset=0):
     try:
-        from gift_fast.synth.prompts import imagenet_classnames, sample_prompts
         pool = imagenet_classnames()
     except Exception:  # open_clip missing on the machine: any realistic prompts will do
-        from gift_fast.synth.prompts import sample_prompts
         pool = [f"object number {k}" for k in range(1000)]
     return sample_prompts(pool, n + offset, seed=0, task_index=0)[offset:]
 
@@ -96,7 +98,7 @@ def _free():
 def _record(benchmark, variant, images_per_s, **extra):
     info = dict(variant=variant, images_per_s=round(images_per_s, 3), arch=ARCH, size=SIZE, steps=STEPS,
                 guidance=GUIDANCE, device=str(DEVICE), gpu=torch.cuda.get_device_name() if CUDA else "cpu",
-                torch=torch.__version__)
+                **package_versions(["torch"], python=False))
     if FLOP_PER_IMAGE:
         info.update(tflop_per_image=round(FLOP_PER_IMAGE / 1e12, 2),
                     mfu_vs_989=round(images_per_s * FLOP_PER_IMAGE / PEAK_BF16, 4),
@@ -266,7 +268,6 @@ def test_fast_compiled(benchmark):
 
 def test_engine_end_to_end_with_jpeg_writing(benchmark):
     """synthesize_task: generation + JPEG encoding/writing on background threads + resume scan."""
-    from gift_fast.synth.engine import synthesize_task
     if "compiled_gen" in _STATE:
         gen, batch = _STATE["compiled_gen"]
     else:
@@ -340,7 +341,8 @@ def test_safety_checker_cost(benchmark):
         extra.update(vs_fastest_row=round(per_image * best, 4),
                      fastest_with_checker_images_per_s=round(1 / (1 / best + per_image), 3))
     info = dict(variant="safety_checker_only", checker_images_per_s=round(1 / per_image, 2), device=str(DEVICE),
-                gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__, **extra)
+                gpu=torch.cuda.get_device_name() if CUDA else "cpu", **package_versions(["torch"], python=False),
+                **extra)
     benchmark.extra_info.update(info)
     RESULTS["safety_checker_only"] = info
     print(f"\n[synth] safety checker: {json.dumps(info, default=str)}")
@@ -370,6 +372,5 @@ def test_zz_summary():
     print("\n" + table)
     path = os.environ.get("GIFT_FAST_BENCH_SYNTH_SUMMARY")
     if path:
-        with open(path, "w") as f:
-            f.write(table)
+        atomic_write_text(path, table)
     assert RESULTS

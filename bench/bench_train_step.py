@@ -26,7 +26,13 @@ import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU smoke run only
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU smoke run only (before triton is imported)
+
+from gift_fast.awc import AdaptiveWeightConsolidation  # noqa: E402
+from gift_fast.precision import Precision  # noqa: E402
+from gift_fast.step import GiftStep, StepConfig, compile_blocks  # noqa: E402
+from gift_fast.text import trim_tokens  # noqa: E402
+from gift_fast.versions import package_versions  # noqa: E402
 
 MODEL = os.environ.get("GIFT_FAST_BENCH_MODEL", "ViT-B-16" if CUDA else "tiny")
 STEPS = int(os.environ.get("GIFT_FAST_BENCH_STEPS", "10" if CUDA else "1"))
@@ -79,20 +85,19 @@ def _batches(model, device, n_sets=4):
 class _TeacherEveryStep:
     """The authors' way: the frozen teacher re-encodes each synthetic batch."""
 
-    def __init__(self, teacher, bf16):
-        self.teacher, self.bf16 = teacher, bf16
+    def __init__(self, teacher, precision: Precision):
+        self.teacher, self.precision = teacher, precision
 
     def __call__(self, b):
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else torch.autocast("cuda", enabled=False)
-        with torch.no_grad(), ctx:
+        with torch.no_grad(), self.precision.autocast():
             return self.teacher.encode_image(b["syn_images"]), self.teacher.encode_text(b["syn_tokens"])
 
 
 class _TeacherCached:
     """Once per task: the synthetic set is fixed, so its teacher embeddings are computed once."""
 
-    def __init__(self, teacher, batches, bf16):
-        enc = _TeacherEveryStep(teacher, bf16)
+    def __init__(self, teacher, batches, precision: Precision):
+        enc = _TeacherEveryStep(teacher, precision)
         self.cache = {id(b): enc(b) for b in batches}
 
     def __call__(self, b):
@@ -100,25 +105,23 @@ class _TeacherCached:
 
 
 def _make(variant, base, batches, device):
-    from gift_fast.awc import AdaptiveWeightConsolidation
-    from gift_fast.step import GiftStep, StepConfig, compile_blocks
     model = copy.deepcopy(base)
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     fast = variant.startswith("fast")
     bf16 = variant != "reference_fp32"
     kernels = "triton" if fast else "torch"
+    precision = Precision.resolve(device, bf16)   # one precision for the step and the teacher
     awc = AdaptiveWeightConsolidation(model.named_parameters(), backend=kernels)
     awc.set_anchor()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0, fused=bool(fast and CUDA))
-    step = GiftStep(model, opt, StepConfig(bf16=bf16, kernels=kernels), awc=awc)
-    teacher_fn = _TeacherCached(teacher, batches, bf16) if fast else _TeacherEveryStep(teacher, bf16)
+    step = GiftStep(model, opt, StepConfig(bf16=bf16, kernels=kernels), awc=awc, precision=precision)
+    teacher_fn = _TeacherCached(teacher, batches, precision) if fast else _TeacherEveryStep(teacher, precision)
     if variant == "fast_compiled":
         compile_blocks(model)
 
     tokens = {id(b): (b["class_tokens"], b["syn_tokens"]) for b in batches}
     if fast:      # the trainer cuts the prompts once per task (gift_fast.text.trim_tokens)
-        from gift_fast.text import trim_tokens
         tokens = {id(b): (trim_tokens(model, b["class_tokens"]), trim_tokens(model, b["syn_tokens"]))
                   for b in batches}
 
@@ -200,7 +203,8 @@ def test_train_step(benchmark, setup, variant):
                                 first_step_s=first_s, img_per_s=(N_TASK + N_SYN) * 1e3 / ms,
                                 peak_gb=(torch.cuda.max_memory_allocated() / 2 ** 30) if CUDA else None,
                                 losses={k: float(v) for k, v in out.items()},
-                                gpu=torch.cuda.get_device_name() if CUDA else "cpu", torch=torch.__version__)
+                                gpu=torch.cuda.get_device_name() if CUDA else "cpu",
+                                **package_versions(["torch"], python=False))
     print(f"\n{variant}: {ms:.1f} ms/step, first step (incl. compile) {first_s:.1f} s")
     del model, run
     if CUDA:

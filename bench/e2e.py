@@ -28,6 +28,20 @@ import time
 
 import torch
 
+from gift_fast.awc import AdaptiveWeightConsolidation
+from gift_fast.data.mtil import classnames
+from gift_fast.files import write_json
+from gift_fast.models import OPENAI_MEAN, OPENAI_STD
+from gift_fast.precision import Precision
+from gift_fast.step import GiftStep, StepConfig, compile_blocks
+from gift_fast.synth.engine import synthesize_task
+from gift_fast.synth.generators import StableDiffusionGenerator, random_pipeline
+from gift_fast.synth.prompts import build_class_pool, imagenet_classnames, sample_prompts
+from gift_fast.text import encode_text, trim_tokens
+from gift_fast.versions import package_versions
+
+BF16 = Precision(torch.device("cuda"), bf16=True)   # the fast path's precision (the script needs a CUDA device)
+
 # test-set sizes of the 11 MTIL data sets with ZSCL's splits (80/20 seeded where torchvision has none)
 MTIL_TEST_IMAGES = {"Aircraft": 3333, "Caltech101": 1736, "CIFAR100": 10000, "DTD": 1880, "EuroSAT": 5400,
                     "Flowers": 6149, "Food": 25250, "MNIST": 10000, "OxfordPet": 3669, "StanfordCars": 8041,
@@ -49,9 +63,6 @@ def timed(fn):
 
 
 def synthesize(n_images, batch, compile_unet, out_root):
-    from gift_fast.synth.engine import synthesize_task
-    from gift_fast.synth.generators import StableDiffusionGenerator, random_pipeline
-    from gift_fast.synth.prompts import build_class_pool, imagenet_classnames, sample_prompts
     pipe = random_pipeline("sd15", device="cuda", dtype=torch.bfloat16)
     # channels_last off and the default SDPA kernel: faster in eager in H200 run 1
     gen = StableDiffusionGenerator(pipe, steps=25, guidance=7.5, safety_checker=False, sdpa_backend="default",
@@ -73,7 +84,7 @@ def load_synthetic(folder, size=224):
 
     import numpy as np
     from PIL import Image
-    from gift_fast.models import OPENAI_MEAN, OPENAI_STD
+
     mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     with open(os.path.join(folder, "image_text.csv")) as f:
@@ -88,9 +99,6 @@ def load_synthetic(folder, size=224):
 def train(syn_x, syn_texts, n_steps):
     import open_clip
 
-    from gift_fast.awc import AdaptiveWeightConsolidation
-    from gift_fast.step import GiftStep, StepConfig, compile_blocks
-    from gift_fast.text import encode_text, trim_tokens
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16", pretrained=None).cuda()
     model.logit_scale.requires_grad_(False)
@@ -104,7 +112,7 @@ def train(syn_x, syn_texts, n_steps):
     syn_x = syn_x.cuda()
 
     def teacher_pass():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), BF16.autocast():
             img = torch.cat([teacher.encode_image(syn_x[i:i + 256]) for i in range(0, len(syn_x), 256)])
             txt = torch.cat([encode_text(teacher, syn_tokens_all[i:i + 256]) for i in range(0, len(syn_x), 256)])
         return img, txt
@@ -114,7 +122,7 @@ def train(syn_x, syn_texts, n_steps):
     awc.set_anchor()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0,
                             fused=True)
-    step = GiftStep(model, opt, StepConfig(bf16=True, kernels="triton"), awc=awc)
+    step = GiftStep(model, opt, StepConfig(bf16=True, kernels="triton"), awc=awc, precision=BF16)
     compile_blocks(model)
     class_tokens = trim_tokens(model, tok([f"a photo of a class {i}." for i in range(100)])).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -139,12 +147,10 @@ def train(syn_x, syn_texts, n_steps):
 
 def evaluate(model, tok, n_images):
     """Zero-shot classifiers of all 11 data sets + n_images through the image encoder."""
-    from gift_fast.data.mtil import classnames
-    from gift_fast.text import encode_text, trim_tokens
     model.eval()
 
     def classifiers():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), BF16.autocast():
             for task in MTIL_TEST_IMAGES:
                 names = classnames(task) * TEMPLATES_PER_CLASS
                 t = trim_tokens(model, tok([f"a photo of a {c}." for c in names])).cuda()
@@ -153,7 +159,7 @@ def evaluate(model, tok, n_images):
     x = torch.randn(500, 3, 224, 224, device="cuda")
 
     def images():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), BF16.autocast():
             for _ in range(max(1, n_images // 500)):
                 model.encode_image(x)
     images()   # warm-up
@@ -173,7 +179,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/e2e.py needs a CUDA device (it times the real sizes)")
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(a),
+    res = {"gpu": torch.cuda.get_device_name(), **package_versions(["torch"], python=False), "args": vars(a),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
@@ -204,10 +210,7 @@ def main(argv=None):
                                               "eval_images": ev["images"]}}
     print(json.dumps(res["extrapolated"], indent=1))
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, a.json)
+        write_json(a.json, res, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gift_fast.files import atomic_write_text, write_json
+from gift_fast.versions import package_versions
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,8 +85,6 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
 
-    from torch.profiler import ProfilerActivity, profile
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts, record_shapes=False) as prof:
         t1 = time.perf_counter()
@@ -113,16 +115,16 @@ def main(argv=None) -> dict:
         "device_ms_per_step_by_class": {k: v / 1e3 / args.steps for k, v in sorted(by_class.items())},
         "top_kernels_ms_per_step": [{"name": k, "ms": t / 1e3 / args.steps, "calls_per_step": n / args.steps}
                                     for t, k, n in kernels],
-        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu", **package_versions(["torch"], python=False),
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table_dev = events.table(sort_by=dev_attr, row_limit=40) if cuda else ""
     table_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30)
-    (out / f"profile_{args.variant}.txt").write_text(
+    atomic_write_text(
+        out / f"profile_{args.variant}.txt",
         f"{args.variant}: {wall_ms:.2f} ms/step wall over {args.steps} steps\n\n"
         f"== by self device time ==\n{table_dev}\n\n== by self CPU time ==\n{table_cpu}\n")
-    (out / f"profile_{args.variant}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(out / f"profile_{args.variant}.json", summary, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "top_kernels_ms_per_step"}, indent=1))
     for row in summary["top_kernels_ms_per_step"][:15]:
         print(f"{row['ms']:8.3f} ms  x{row['calls_per_step']:<5g} {row['name'][:110]}")

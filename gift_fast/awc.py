@@ -18,13 +18,14 @@ Dtypes: F is float32; the anchor is an exact copy of the parameter (its dtype);
 the penalty gradient is computed in float32 and added to ``p.grad`` in place (one
 rounding to the gradient's dtype); the penalty is a float32 0-dim tensor.
 
-This file is the plain PyTorch reference (``backend="torch"``). ``backend="triton"``
-moves the parameters into flat buckets and runs the fused kernels of
-``gift_fast.kernels.awc``; ``"auto"`` picks Triton when the parameters are on CUDA.
-With Triton, ``p.data`` and ``p.grad`` become views of flat (device, dtype) buffers
-(same Parameter objects, same ``state_dict``): zero gradients with ``awc.zero_grad()``
-or ``optimizer.zero_grad(set_to_none=False)`` so that backward accumulates into the
-views; a gradient that is not the view any more is copied back in (correct, slower).
+This file is the plain PyTorch reference (the torch backend, ``backend="torch"``).
+``backend="triton"`` moves the parameters into flat buckets and runs the fused kernels of
+``gift_fast.kernels.awc``; ``"auto"`` picks Triton when the parameters are on CUDA
+(``gift_fast.backends``). With Triton, ``p.data`` and ``p.grad`` become views of flat
+(device, dtype) buffers (same Parameter objects, same ``state_dict``;
+``awc.owns_grad_buffers`` is then True): zero gradients with ``awc.zero_grad()`` or
+``optimizer.zero_grad(set_to_none=False)`` so that backward accumulates into the views;
+a gradient that is not the view any more is copied back in (correct, slower).
 ``foreach_awc_step`` is the same step with ``torch._foreach`` ops (a baseline).
 """
 from __future__ import annotations
@@ -35,8 +36,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from gift_fast.backends import BACKENDS, check_backend, resolve_backend  # noqa: F401  (BACKENDS: its old home)
+
 FISHER_KINDS = ("adaptive", "uniform", "static")
-BACKENDS = ("torch", "triton", "auto")
 ZERO_GRAD_FISHER = 1e-6
 
 
@@ -69,7 +71,10 @@ class AdaptiveWeightConsolidation:
             loss_kd.backward()            # grads of the distillation alone
             penalty = awc.step()          # Fisher update + penalty gradient into .grad
             loss_ce.backward()            # accumulates into the same .grad
-            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            awc.zero_grad() if awc.owns_grad_buffers else optimizer.zero_grad(set_to_none=True)
+
+    (``gift_fast.step.GiftStep`` is this loop.)
     """
 
     def __init__(self, named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], strength: float = 1.0,
@@ -77,8 +82,7 @@ class AdaptiveWeightConsolidation:
                  backend: str = "torch", eps: float = ZERO_GRAD_FISHER):
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if strength < 0:
@@ -92,7 +96,7 @@ class AdaptiveWeightConsolidation:
             (n, p) for n, p in named_parameters if p.requires_grad and not is_excluded(n, self.exclude))
         if not self.params:
             raise ValueError("AdaptiveWeightConsolidation got no trainable parameter (all frozen or excluded)")
-        self.backend = self._resolve_backend(backend)
+        self.backend = resolve_backend(backend, self.params.values())   # "torch" or "triton"
         self._anchor: Dict[str, torch.Tensor] = {}
         self._fisher: Dict[str, Optional[torch.Tensor]] = {n: None for n in self.params}
         self.num_fisher_updates = 0
@@ -102,14 +106,14 @@ class AdaptiveWeightConsolidation:
             self._flat = FlatAWC(self.params)
 
     # ------------------------------------------------------------------ helpers
-    def _resolve_backend(self, backend: str) -> str:
-        if backend == "auto":
-            on_cuda = all(p.is_cuda for p in self.params.values())
-            return "triton" if on_cuda and _triton_importable() else "torch"
-        return backend
-
     def names(self):
         return list(self.params)
+
+    @property
+    def owns_grad_buffers(self) -> bool:
+        """True when the consolidated parameters' ``.grad`` are views of buffers this object owns (the Triton
+        backend's flat buckets): clear them with ``zero_grad()`` (in place), never by setting them to None."""
+        return self._flat is not None
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()
@@ -278,14 +282,6 @@ def foreach_awc_step(params: Sequence[torch.nn.Parameter], anchors: Sequence[tor
     torch._foreach_mul_(fd, 2.0 * strength)
     torch._foreach_add_(grads, fd)
     return penalty, fishers
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 __all__ = ["AdaptiveWeightConsolidation", "fisher_from_grad", "foreach_awc_step", "is_excluded", "FISHER_KINDS"]

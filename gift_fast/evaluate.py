@@ -6,6 +6,9 @@ image are ``100 * n(f_img) @ W^T``; the score is top-1 accuracy in percent.
 Batched, under ``no_grad`` (and bf16 autocast when asked). With several processes
 (``dist``, gift_fast.distributed) each scores a contiguous slice of every test set and
 the correct counts are summed: the same accuracy as one process, N times faster.
+
+Precision: every function takes ``bf16=`` (checked as ``train`` checks it: a GPU without
+bfloat16 support refuses it, gift_fast.precision) or a ``precision=`` the caller resolved once.
 """
 from __future__ import annotations
 
@@ -13,37 +16,52 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from gift_fast.data.base import TaskSpec
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_sum
-from gift_fast.precision import autocast  # noqa: F401  (also gift_fast.evaluate.autocast, its old home)
+from gift_fast.precision import Precision
+from gift_fast.precision import autocast  # noqa: F401  (re-exported: gift_fast.evaluate.autocast, its old home)
+from gift_fast.text import encode_text, trim_tokens
+
+
+def _resolve_precision(device: torch.device, bf16: bool, precision: Optional[Precision]) -> Precision:
+    """The caller's ``precision``, or ``bf16`` on ``device`` checked (``--bf16`` on a GPU without bfloat16
+    support is refused here, for ``gift-fast eval`` as for ``train``)."""
+    if precision is None:
+        return Precision.resolve(device, bf16)
+    if bf16 and not precision.bf16:
+        raise ValueError("bf16=True but the precision given is float32: pass one of them")
+    return precision
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer: Callable, texts: Sequence[str], *, device: torch.device, bf16: bool = False,
-                 batch_size: int = 512) -> torch.Tensor:
+                 batch_size: int = 512, precision: Optional[Precision] = None) -> torch.Tensor:
     """Float32 text embeddings (not normalized) of ``texts``, in batches (each cut after its last
     end-of-text token: gift_fast.text, the same embeddings)."""
-    from gift_fast.text import encode_text, trim_tokens
-
+    precision = _resolve_precision(device, bf16, precision)
     out = []
     for a in range(0, len(texts), batch_size):
         tokens = trim_tokens(model, tokenizer(list(texts[a:a + batch_size]))).to(device)
-        with autocast(device, bf16):
+        with precision.autocast():
             out.append(encode_text(model, tokens).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str], *,
-                         device: torch.device, bf16: bool = False, batch_size: int = 512) -> torch.Tensor:
+                         device: torch.device, bf16: bool = False, batch_size: int = 512,
+                         precision: Optional[Precision] = None) -> torch.Tensor:
     """``W`` [C, D]: per class, the normalized mean of the normalized template embeddings."""
     if not classnames:
         raise ValueError("a task needs at least one class name")
     if not templates:
         raise ValueError("a task needs at least one template (a format string with '{}')")
+    precision = _resolve_precision(device, bf16, precision)
     texts = [t.format(c) for c in classnames for t in templates]
-    emb = F.normalize(encode_texts(model, tokenizer, texts, device=device, bf16=bf16, batch_size=batch_size), dim=-1)
+    emb = F.normalize(encode_texts(model, tokenizer, texts, device=device, batch_size=batch_size,
+                                   precision=precision), dim=-1)
     emb = emb.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
 
@@ -78,24 +96,24 @@ def iter_eval_batches(dataset, batch_size: int, device: torch.device, num_worker
 @torch.no_grad()
 def evaluate_task(model, tokenizer: Callable, task: TaskSpec, *, device: torch.device, bf16: bool = False,
                   batch_size: int = 256, num_workers: int = 0, progress: bool = False,
-                  classifier: Optional[torch.Tensor] = None, dist: DistContext = SINGLE) -> float:
+                  classifier: Optional[torch.Tensor] = None, dist: DistContext = SINGLE,
+                  precision: Optional[Precision] = None) -> float:
     """Top-1 zero-shot accuracy (percent) of ``model`` on ``task.test`` (sharded over ``dist``)."""
-    from tqdm.auto import tqdm
-
     if task.test is None or len(task.test) == 0:
         raise ValueError(f"task {task.name!r} has no test data to evaluate on")
+    precision = _resolve_precision(device, bf16, precision)
     was_training = model.training
     model.eval()
     try:
         W = classifier if classifier is not None else zero_shot_classifier(
-            model, tokenizer, task.classnames, task.templates, device=device, bf16=bf16)
+            model, tokenizer, task.classnames, task.templates, device=device, precision=precision)
         # counts[0] correct, counts[1] scored: summed over the processes at the end
         counts = torch.zeros(2, dtype=torch.int64, device=device)
         start, stop = dist.span(len(task.test))
         n_batches = -(-(stop - start) // batch_size)
         for x, y in tqdm(iter_eval_batches(task.test, batch_size, device, num_workers, start, stop),
                          total=n_batches, desc=f"eval {task.name}", disable=not progress, leave=False):
-            with autocast(device, bf16):
+            with precision.autocast():
                 img = model.encode_image(x)
             logits = 100.0 * F.normalize(img.float(), dim=-1) @ W.T
             counts[0] += (logits.argmax(dim=-1) == y).sum()
@@ -109,12 +127,12 @@ def evaluate_task(model, tokenizer: Callable, task: TaskSpec, *, device: torch.d
 
 def evaluate_tasks(model, tokenizer: Callable, tasks: Sequence[TaskSpec], *, device: torch.device,
                    bf16: bool = False, batch_size: int = 256, num_workers: int = 0,
-                   progress: bool = True, dist: DistContext = SINGLE) -> List[float]:
+                   progress: bool = True, dist: DistContext = SINGLE,
+                   precision: Optional[Precision] = None) -> List[float]:
     """Accuracy (percent) on every task, in order: one row of the accuracy matrix."""
-    from tqdm.auto import tqdm
-
-    return [evaluate_task(model, tokenizer, t, device=device, bf16=bf16, batch_size=batch_size,
-                          num_workers=num_workers, progress=False, dist=dist)
+    precision = _resolve_precision(device, bf16, precision)
+    return [evaluate_task(model, tokenizer, t, device=device, batch_size=batch_size,
+                          num_workers=num_workers, progress=False, dist=dist, precision=precision)
             for t in tqdm(tasks, desc="evaluating", disable=not progress, leave=False)]
 
 

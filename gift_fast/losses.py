@@ -1,4 +1,4 @@
-"""GIFT's distillation losses: the plain PyTorch reference and the backend switch.
+"""GIFT's distillation losses: the plain PyTorch reference (the torch backend) and the backend switch.
 
 The math (docs/METHOD.md, "Distillation on the synthetic batch"):
 
@@ -27,8 +27,10 @@ authors' ``src/models/finetune_gift.py`` / ``src/models/helpers.py`` compute it)
 ``feature_distill_loss`` is Tab. 4a's feature-distance variant; with it the step keeps
 the ITA term (docs/METHOD.md, "Tab. 4a variants").
 
-The teacher embeddings are constants (no gradient flows to them). The reference
-computes in float32 (float64 when the inputs are float64, which the tests use).
+The teacher embeddings are constants (no gradient flows to them). The torch backend
+computes in float32 (float64 when the inputs are float64, which the tests use); the
+Triton backend (``gift_fast.kernels.contrastive_distill``) is chosen by ``backend``
+(``gift_fast.backends``).
 """
 from __future__ import annotations
 
@@ -37,10 +39,14 @@ from typing import Dict, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from gift_fast.backends import BACKENDS, resolve_backend  # noqa: F401  (BACKENDS re-exported: its old home)
+
 MODES = ("contrastive", "image_only", "text_only", "kl")   # the similarity matrices gift_distill_loss compares
+# The modes only the torch backend computes. The fused kernel's own list (gift_fast.kernels.contrastive_distill.MODES;
+# the kernels import nothing from here) is MODES without these, in this order: a test keeps the two in step.
+TORCH_ONLY_MODES = ("kl",)
 # The distillation losses of the method (Tab. 4a): the one list. The CLI spells them with hyphens (image-only).
 DISTILL_MODES = MODES + ("feature",)
-BACKENDS = ("torch", "triton", "auto")
 PART_NAMES = ("cd_image", "cd_text", "ita_image", "ita_text")
 FEATURE_PART_NAMES = ("feat_image", "feat_text")
 
@@ -97,27 +103,12 @@ def _check_scalars(logit_scale, temperature, label_smoothing) -> None:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``"auto"`` is Triton on CUDA tensors (when Triton imports) and torch otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if not x.is_cuda:
-            return "torch"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return backend
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype losses are computed in: float32 for bf16 / fp16 / fp32 inputs, float64 stays."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-# -------------------------------------------------------------------------- reference
+# ---------------------------------------------------------------- the torch backend
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean_i CE(logits_i, target_i) = -mean_i sum_k target_ik log softmax(logits_i)_k."""
     return -(target * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
@@ -151,8 +142,6 @@ def _gift_distill_parts_torch(img_s, txt_s, img_t, txt_t, labels, logit_scale, t
     """The four weighted terms [cd_image, cd_text, ita_image, ita_text] as one tensor."""
     S, S_t = _student_teacher_matrices(img_s, txt_s, img_t, txt_t, logit_scale, mode)
     tau = temperature
-    p_rows = F.softmax(S_t / tau, dim=1)
-    p_cols = F.softmax(S_t.T / tau, dim=1)
     if mode == "kl":
         # the authors' kl_divergence(t, s): F.kl_div(log p_teacher, q_student, "batchmean") * tau^2,
         # i.e. KL(student || teacher) with the student's distribution as the target (gradients flow
@@ -193,7 +182,8 @@ def gift_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Ten
         label_smoothing: smoothing of the ITA targets (0.2 as the task loss).
         cd_weight, ita_weight: lambda_cd and lambda_ita.
         mode: "contrastive" | "image_only" | "text_only" | "kl" (see module doc).
-        backend: "torch" (this reference), "triton" (fused kernel), "auto" (Triton on CUDA).
+        backend: "torch" (the plain PyTorch code of this module), "triton" (fused kernel), "auto"
+            (Triton on CUDA): gift_fast.backends.
         return_parts: also return the dict of the four weighted terms.
 
     Returns:
@@ -206,9 +196,9 @@ def gift_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.Ten
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     chosen = resolve_backend(backend, img_s)
-    if chosen == "triton" and mode == "kl":
+    if chosen == "triton" and mode in TORCH_ONLY_MODES:
         if backend == "triton":
-            raise ValueError("mode='kl' exists in the torch reference only: use backend='torch' or 'auto'")
+            raise ValueError(f"mode={mode!r} exists in the torch backend only: use backend='torch' or 'auto'")
         chosen = "torch"
     args = (img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_smoothing,
             cd_weight, ita_weight, mode)
@@ -252,4 +242,4 @@ def feature_distill_loss(img_s: torch.Tensor, txt_s: torch.Tensor, img_t: torch.
 
 
 __all__ = ["gift_distill_loss", "feature_distill_loss", "soft_cross_entropy", "alignment_targets",
-           "resolve_backend", "MODES", "BACKENDS", "PART_NAMES"]
+           "resolve_backend", "MODES", "DISTILL_MODES", "TORCH_ONLY_MODES", "BACKENDS", "PART_NAMES"]

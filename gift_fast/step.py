@@ -7,6 +7,10 @@
        gradients), label smoothing; backward, accumulating into the same .grad;
     4. the optimizer step (and the LR scheduler), then the gradients are cleared.
 
+Step 1 on its own is ``GiftStep.distill_backward``; EWC-V's Fisher pass before a task reuses
+it (``GiftStep.fisher_batch``). The forward passes run under the step's ``Precision``
+(gift_fast.precision), decided once by the caller.
+
 Nothing here reads a value back to the host: the losses come back as device
 tensors, so a loop can log them every N steps without a sync per step.
 
@@ -25,12 +29,16 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from gift_fast.backends import check_backend
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_grads, gather_rows
-from gift_fast.evaluate import autocast
+from gift_fast.losses import DISTILL_MODES as _LOSS_DISTILL_MODES
 from gift_fast.losses import compute_dtype, feature_distill_loss, gift_distill_loss
+from gift_fast.precision import Precision
 from gift_fast.text import encode_text
 
-DISTILL_MODES = ("contrastive", "image_only", "text_only", "kl", "feature", "none")
+# What a step may distill with: the method's distillation losses (gift_fast.losses.DISTILL_MODES), or "none"
+# (fine-tune, L2: no synthetic batch).
+DISTILL_MODES = _LOSS_DISTILL_MODES + ("none",)
 
 
 @dataclass
@@ -41,13 +49,14 @@ class StepConfig:
     temperature: float = 2.0          # tau of CD
     cd_weight: float = 1.0            # lambda_cd (0 switches CD off)
     ita_weight: float = 0.25          # lambda_ita (0 switches ITA off)
-    distill: str = "contrastive"      # contrastive | image_only | text_only | kl | feature | none
-    bf16: bool = False                # autocast bf16 (fp32 master weights)
-    kernels: str = "auto"             # torch | triton | auto (Triton on CUDA)
+    distill: str = "contrastive"      # one of DISTILL_MODES: contrastive | image_only | text_only | kl | feature | none
+    bf16: bool = False                # autocast bf16 (fp32 master weights): GiftStep's Precision
+    kernels: str = "auto"             # torch | triton | auto (Triton on CUDA): gift_fast.backends
 
     def __post_init__(self):
         if self.distill not in DISTILL_MODES:
             raise ValueError(f"distill must be one of {DISTILL_MODES}, got {self.distill!r}")
+        check_backend(self.kernels, "kernels")
 
 
 def classification_loss(model, images, labels, class_tokens, cfg: StepConfig) -> torch.Tensor:
@@ -108,18 +117,36 @@ class GiftStep:
     ``awc`` may be None (no consolidation: fine-tune, or a method without AWC);
     with ``cfg.distill == "none"`` there is no synthetic batch (fine-tune, L2).
 
+    ``precision`` (gift_fast.precision): the autocast of the forward passes, decided once by the
+    caller; by default ``Precision.resolve(<the model's device>, cfg.bf16)``. Given, it must agree
+    with ``cfg.bf16``.
+
     ``dist`` (gift_fast.distributed): with several processes, the task batch and the
     synthetic images / tokens are this process's rows, the synthetic labels and teacher
     embeddings the global batch's; the gradients are reduced after each backward (the
     Fisher sees the reduced L_kd gradient), so every process ends the step with the
     weights one process would have.
+
+    ``distill_backward`` is the L_kd half of the step on its own; ``fisher_batch`` uses it to add
+    one synthetic batch to the static Fisher (EWC-V) before a task.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: StepConfig,
-                 awc=None, scheduler=None, dist: DistContext = SINGLE):
+                 awc=None, scheduler=None, dist: DistContext = SINGLE, precision: Optional[Precision] = None):
         self.model, self.optimizer, self.cfg, self.awc, self.scheduler = model, optimizer, cfg, awc, scheduler
         self.dist = dist
+        if precision is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            precision = Precision.resolve(device, cfg.bf16, option="StepConfig.bf16")
+        elif precision.bf16 != bool(cfg.bf16):
+            raise ValueError(f"precision.bf16={precision.bf16} but StepConfig.bf16={cfg.bf16}: build both from "
+                             "the run's one bf16 setting")
+        self.precision = precision
         self._params = [p for p in model.parameters() if p.requires_grad]
+        # Trainable tensors whose gradients the consolidation does not own (none when it consolidates every
+        # trainable tensor, as in the trainer: only the frozen logit_scale is excluded there).
+        owned = {id(p) for p in awc.params.values()} if awc is not None and awc.owns_grad_buffers else set()
+        self._unowned_params = [p for p in self._params if id(p) not in owned]
 
     def reduce_grads(self, average: bool) -> None:
         """Sum (L_kd: each process holds its rows' part) or average (L_ce: each process's mean) the
@@ -127,32 +154,59 @@ class GiftStep:
         all_reduce_grads(self._params, self.dist, average=average)
 
     def zero_grad(self) -> None:
-        # The Triton AWC keeps .grad as views of its flat buffers: it clears them in place.
-        if self.awc is not None and getattr(self.awc, "backend", "torch") == "triton":
+        """Clear the gradients: in place where the consolidation owns the buffers (the Triton AWC keeps
+        ``.grad`` as views of its flat buffers), else by setting them to None."""
+        if self.awc is not None and self.awc.owns_grad_buffers:
             self.awc.zero_grad()
+            for p in self._unowned_params:
+                p.grad = None
         else:
             self.optimizer.zero_grad(set_to_none=True)
+
+    def distill_backward(self, syn_images: torch.Tensor, syn_tokens: torch.Tensor, syn_labels: torch.Tensor,
+                         teacher_img: torch.Tensor, teacher_txt: torch.Tensor) -> torch.Tensor:
+        """L_kd of the synthetic batch (under the step's precision), its backward into ``.grad`` and the sum
+        of the gradients over the processes (each holds its rows' part). Returns L_kd, detached.
+
+        The gradients of L_kd alone are what AWC's Fisher is computed from: the step calls this before
+        ``awc.step()``, the static Fisher pass (``fisher_batch``) before ``awc.update_fisher()``.
+        """
+        if self.cfg.distill == "none":
+            raise ValueError("distill='none' has no distillation loss: this step has no synthetic batch")
+        if syn_images is None or teacher_img is None:
+            raise ValueError(f"distill={self.cfg.distill!r} needs the synthetic batch and the teacher's embeddings")
+        with self.precision.autocast():
+            loss_kd = distillation_loss(self.model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt,
+                                        self.cfg, self.dist)
+        loss_kd.backward()
+        self.reduce_grads(average=False)       # per-shard parts -> the full gradient
+        return loss_kd.detach()
+
+    def fisher_batch(self, syn_images: torch.Tensor, syn_tokens: torch.Tensor, syn_labels: torch.Tensor,
+                     teacher_img: torch.Tensor, teacher_txt: torch.Tensor) -> torch.Tensor:
+        """EWC-V: add one synthetic batch to the static Fisher, ``awc.update_fisher()`` from the gradients of
+        L_kd alone. The gradients are cleared before and after (the authors' static-Fisher loop stops
+        clearing them once its estimate ends: docs/METHOD.md, "Defects"). Returns L_kd, detached."""
+        if self.awc is None:
+            raise ValueError("fisher_batch needs the consolidation (awc) whose Fisher it estimates")
+        self.zero_grad()
+        loss_kd = self.distill_backward(syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt)
+        self.awc.update_fisher()
+        self.zero_grad()
+        return loss_kd
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, class_tokens: torch.Tensor,
                  syn_images: Optional[torch.Tensor] = None, syn_tokens: Optional[torch.Tensor] = None,
                  syn_labels: Optional[torch.Tensor] = None, teacher_img: Optional[torch.Tensor] = None,
                  teacher_txt: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        cfg, model = self.cfg, self.model
-        device = images.device
         out: Dict[str, torch.Tensor] = {}
-        if cfg.distill != "none":
-            if syn_images is None or teacher_img is None:
-                raise ValueError(f"distill={cfg.distill!r} needs the synthetic batch and the teacher's embeddings")
-            with autocast(device, cfg.bf16):
-                loss_kd = distillation_loss(model, syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt, cfg,
-                                            self.dist)
-            loss_kd.backward()          # the gradients of L_kd alone: AWC's Fisher comes from them
-            self.reduce_grads(average=False)       # per-shard parts -> the full gradient
-            out["loss_kd"] = loss_kd.detach()
+        if self.cfg.distill != "none":
+            # the gradients of L_kd alone: AWC's Fisher comes from them
+            out["loss_kd"] = self.distill_backward(syn_images, syn_tokens, syn_labels, teacher_img, teacher_txt)
         if self.awc is not None:
             out["loss_awc"] = self.awc.step()
-        with autocast(device, cfg.bf16):
-            loss_ce = classification_loss(model, images, labels, class_tokens, cfg)
+        with self.precision.autocast():
+            loss_ce = classification_loss(self.model, images, labels, class_tokens, self.cfg)
         loss_ce.backward()              # accumulates into the same .grad (no zero_grad in between)
         self.reduce_grads(average=True)            # the mean CE of the global batch
         out["loss_ce"] = loss_ce.detach()   # this process's shard (the trainer averages it when it logs)
@@ -163,4 +217,4 @@ class GiftStep:
         return out
 
 
-__all__ = ["StepConfig", "GiftStep", "classification_loss", "distillation_loss", "compile_blocks"]
+__all__ = ["StepConfig", "GiftStep", "classification_loss", "distillation_loss", "compile_blocks", "DISTILL_MODES"]

@@ -1,6 +1,6 @@
 """Fused AWC on flat parameter buckets: Triton kernels and the buckets that own them.
 
-The plain PyTorch reference is ``gift_fast.awc.AdaptiveWeightConsolidation(backend="torch")``;
+The plain PyTorch reference (the torch backend) is ``gift_fast.awc.AdaptiveWeightConsolidation(backend="torch")``;
 ``backend="triton"`` builds a :class:`FlatAWC` and forwards to it. Per step, per bucket:
 
 1. ``_awc_block_sumsq_kernel``: sum(g^2) of every block (a block lies in one tensor);
@@ -16,7 +16,7 @@ then one ``sum`` of the penalty partials of all buckets on the device. ``fisher=
 the same update kernel with compile-time switches (UPDATE_FISHER, APPLY_PENALTY, UNIFORM).
 
 Bytes moved per fp32 parameter (adaptive, decay > 0): read g twice, p, theta*, F; write F
-and g: 28 B. With decay = 0 (the reference default) F is not read: 24 B.
+and g: 28 B. With decay = 0 (AdaptiveWeightConsolidation's default) F is not read: 24 B.
 
 Flat buckets
 ------------
@@ -39,7 +39,6 @@ penalty gradient still lands in ``p.grad``.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -47,6 +46,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .utils import interpreting, round_to_bf16_rne
 
 ALIGN = 16                 # segment offsets and padded lengths: multiples of 16 elements
 DEFAULT_BLOCK_CUDA = 4096  # elements per program on the GPU
@@ -125,7 +126,7 @@ def _awc_update_kernel(param_ptr, anchor_ptr, grad_ptr, fisher_ptr, pen_ptr,
         a = tl.load(anchor_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = p - a
         fd = f * d
-        pen_grad = two_strength * f * d  # (2 * strength) * F * d, the reference's order
+        pen_grad = two_strength * f * d  # (2 * strength) * F * d, the torch backend's order
         if GRAD_F64:
             g_new = g_raw.to(tl.float64) + pen_grad.to(tl.float64)
         else:
@@ -133,9 +134,7 @@ def _awc_update_kernel(param_ptr, anchor_ptr, grad_ptr, fisher_ptr, pen_ptr,
         if BF16_RNE_BY_HAND:
             # The CPU interpreter (triton 3.8) truncates float32 -> bfloat16 casts; the GPU
             # and torch round to nearest even. Round by hand there (finite values).
-            bits = g_new.to(tl.uint32, bitcast=True)
-            bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            g_out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            g_out = round_to_bf16_rne(g_new).to(tl.bfloat16)
         else:
             g_out = g_new.to(grad_ptr.dtype.element_ty)
         tl.store(grad_ptr + offs, g_out, mask=mask)
@@ -158,10 +157,6 @@ def _dense_strides(t: torch.Tensor) -> Tuple[int, ...]:
 
 def _padded(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(eq=False)
@@ -220,7 +215,7 @@ class FlatAWC:
         if not params:
             raise ValueError("FlatAWC got no parameter")
         for name, p in params.items():
-            if p.device.type != "cuda" and not _interpreting():
+            if p.device.type != "cuda" and not interpreting():
                 raise ValueError(
                     f"backend='triton' needs CUDA parameters, but {name!r} is on {p.device}: use backend='torch' "
                     "(or 'auto'), or set TRITON_INTERPRET=1 before triton is imported to run the kernels on the "
@@ -259,7 +254,7 @@ class FlatAWC:
 
     @staticmethod
     def _launch_config(device: torch.device, block_size: Optional[int], num_warps: Optional[int]) -> Tuple[int, int]:
-        on_gpu = device.type == "cuda" and not _interpreting()
+        on_gpu = device.type == "cuda" and not interpreting()
         block = block_size or (DEFAULT_BLOCK_CUDA if on_gpu else DEFAULT_BLOCK_CPU)
         warps = num_warps or (DEFAULT_WARPS_CUDA if on_gpu else 1)
         if block < ALIGN or block & (block - 1):
@@ -499,7 +494,7 @@ class FlatAWC:
             float(decay), float(1.0 - decay), float(2.0 * strength), float(strength), float(eps),
             BLOCK=self.block_size, UPDATE_FISHER=update_fisher, EMA=ema, APPLY_PENALTY=apply_penalty,
             UNIFORM=uniform, GRAD_F64=b.dtype == torch.float64,
-            BF16_RNE_BY_HAND=b.dtype == torch.bfloat16 and _interpreting(), num_warps=self.num_warps)
+            BF16_RNE_BY_HAND=b.dtype == torch.bfloat16 and interpreting(), num_warps=self.num_warps)
         if update_fisher and not all(b.has_fisher):
             b.has_fisher = [True] * len(b.segments)
             b.seg_has_fisher.fill_(1)

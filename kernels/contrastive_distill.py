@@ -1,6 +1,6 @@
 """Fused Triton kernels for GIFT's contrastive distillation (CD) + image-text alignment (ITA).
 
-The math is ``gift_fast.losses`` (the plain PyTorch reference). With X, Y the student
+The math is ``gift_fast.losses`` (the plain PyTorch reference, the torch backend). With X, Y the student
 sides of the mode (contrastive: img_s, txt_s; image_only: img_s, txt_t; text_only:
 img_t, txt_s) and X', Y' the teacher (img_t, txt_t), rows normalized by
 ``n(x) = x / max(||x||, 1e-12)`` (F.normalize):
@@ -52,13 +52,14 @@ in fp32, which is what the GPU's tensor cores compute (exact products, fp32 sums
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from .utils import interpreting, round_to_bf16_rne
 
 # Largest B that runs as one program (forward: 1 launch, backward: 1 launch).
 SMALL_B_MAX = 64
@@ -71,6 +72,8 @@ PART_SHARED_BYTES = 8 * 2 ** 20
 _EPS = tl.constexpr(1e-12)       # F.normalize's eps
 _NEG = tl.constexpr(-1.0e30)     # finite "-inf": 0 * (x - _NEG) stays 0, never inf * 0
 _N_STATS = 9                     # per partial slot: m, l1, l2, mp, lp, w, a, b, c
+# The modes this kernel computes: gift_fast.losses.MODES without its torch-only ones, same order and meaning
+# (tests/test_kernel_contrastive_distill.py keeps the two lists in step; nothing here imports gift_fast).
 MODES = ("contrastive", "image_only", "text_only")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -109,9 +112,7 @@ def _cast(v, DT: tl.constexpr, UPCAST: tl.constexpr):
     """
     if UPCAST:
         if DT == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            v = bits.to(tl.float32, bitcast=True)
+            v = round_to_bf16_rne(v)
     return v.to(DT)
 
 
@@ -831,13 +832,6 @@ class GiftDistillFunction(torch.autograd.Function):
         return gx, gy, None, None, None, None, None, None
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None and hasattr(knobs, "runtime"):
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _runtime_scalar(value, name: str, device: torch.device):
     """A float argument, or a 0-dim tensor on the device read by the kernel (no host sync)."""
     if isinstance(value, torch.Tensor):
@@ -865,7 +859,7 @@ def _apply(img_s, txt_s, img_t, txt_t, labels, logit_scale, temperature, label_s
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} for backend='triton', got {mode!r}")
     on_gpu = img_s.is_cuda
-    if not on_gpu and not _interpreting():
+    if not on_gpu and not interpreting():
         raise ValueError("backend='triton' needs CUDA tensors (the CPU runs Triton only through the "
                          "TRITON_INTERPRET=1 interpreter, for tests); use backend='auto' or 'torch'")
     dtype = img_s.dtype

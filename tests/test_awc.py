@@ -1,4 +1,5 @@
-"""The reference AWC against a direct per-tensor evaluation of docs/METHOD.md's formulas."""
+"""AWC's torch backend (the plain PyTorch reference) against a direct per-tensor evaluation of
+docs/METHOD.md's formulas."""
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Zero-shot evaluation against a direct computation."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
@@ -6,6 +7,7 @@ from torch.utils.data import Dataset, TensorDataset
 from gift_fast.data.base import TaskSpec
 from gift_fast.evaluate import evaluate_task, evaluate_tasks, zero_shot_classifier
 from gift_fast.models import create_clip
+from gift_fast.precision import Precision
 
 
 class ListDataset(Dataset):
@@ -60,9 +62,33 @@ def test_accuracy_is_top1_of_100_cosine_logits_for_every_data_path():
 
 
 def test_empty_test_set_is_a_clear_error():
-    import pytest
-
     b = _bundle()
     task = TaskSpec("Empty", ["a"], ["{}"], test=TensorDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0).long()))
     with pytest.raises(ValueError, match="no test data"):
         evaluate_task(b.model, b.tokenizer, task, device=torch.device("cpu"))
+
+
+def test_bf16_on_a_gpu_without_support_is_refused_as_train_refuses_it(monkeypatch):
+    # `gift-fast eval --bf16` goes through these functions: the same check as `train` (gift_fast.precision)
+    b = _bundle()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    task = TaskSpec("T", ["a", "b"], ["{}"], test=TensorDataset(torch.zeros(2, 3, 32, 32), torch.zeros(2).long()))
+    cuda = torch.device("cuda")
+    for call in (lambda: evaluate_tasks(b.model, b.tokenizer, [task], device=cuda, bf16=True, progress=False),
+                 lambda: evaluate_task(b.model, b.tokenizer, task, device=cuda, bf16=True),
+                 lambda: zero_shot_classifier(b.model, b.tokenizer, ["a"], ["{}"], device=cuda, bf16=True)):
+        with pytest.raises(ValueError, match="--bf16 needs a GPU with bfloat16 support"):
+            call()
+
+
+def test_a_precision_resolved_once_gives_the_same_accuracy():
+    b = _bundle()
+    g = torch.Generator().manual_seed(2)
+    task = TaskSpec("T", ["red", "blue"], ["a photo of a {}."],
+                    test=TensorDataset(torch.randn(9, 3, 32, 32, generator=g), torch.randint(0, 2, (9,), generator=g)))
+    cpu = torch.device("cpu")
+    for bf16 in (False, True):
+        want = evaluate_tasks(b.model, b.tokenizer, [task], device=cpu, bf16=bf16, progress=False)
+        got = evaluate_tasks(b.model, b.tokenizer, [task], device=cpu, progress=False,
+                             precision=Precision.resolve(cpu, bf16))
+        assert got == want

@@ -1,4 +1,4 @@
-"""AWC with backend="triton" (flat buckets + fused kernels) against the torch reference.
+"""AWC with backend="triton" (flat buckets + fused kernels) against the torch backend.
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); with
 GIFT_FAST_GPU_TESTS=1 the same tests run compiled on CUDA through the `device` fixture.
@@ -49,7 +49,7 @@ CONSOLIDATED = ["vec7", "mat", "one", "big", "low_mat", "low_vec", "half_vec", "
 
 
 def _pair(device, **kw):
-    """Two identical models: one with the reference AWC, one with the Triton AWC."""
+    """Two identical models: one with the torch-backend AWC, one with the Triton AWC."""
     ref, tri = Mixed().to(device), Mixed().to(device)
     tri.load_state_dict(ref.state_dict())
     block = kw.pop("blocks", None)

@@ -10,9 +10,11 @@ import os
 import pytest
 import torch
 
+import gift_fast.kernels.awc as awck
 import gift_fast.kernels.contrastive_distill as cdk
+from gift_fast.kernels import utils as kernel_utils
 from gift_fast.kernels.contrastive_distill import gift_distill_parts_triton
-from gift_fast.losses import _gift_distill_parts_torch, gift_distill_loss, resolve_backend
+from gift_fast.losses import MODES, TORCH_ONLY_MODES, _gift_distill_parts_torch, gift_distill_loss, resolve_backend
 
 S, TAU, WCD, WITA = 100.0, 2.0, 1.0, 0.25
 # gradient tolerance, relative to the largest gradient entry (fp16 at B > 64 runs its gradient
@@ -418,6 +420,21 @@ def test_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, __file__, "--aot"], env=env, capture_output=True, text=True)
     print(run.stdout)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+def test_the_kernel_modes_are_the_losses_modes_it_computes():
+    """The kernel keeps its own MODES (kernels/ import nothing from gift_fast): it must stay gift_fast.losses.MODES
+    without the torch-only ones, in the same order and with the same meaning, so the two lists cannot drift."""
+    assert cdk.MODES == tuple(m for m in MODES if m not in TORCH_ONLY_MODES)
+    assert set(TORCH_ONLY_MODES) <= set(MODES)
+
+
+def test_one_interpreter_check_for_every_kernel(monkeypatch):
+    assert cdk.interpreting is kernel_utils.interpreting and awck.interpreting is kernel_utils.interpreting
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+    assert kernel_utils.interpreting()
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    assert not kernel_utils.interpreting()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""The reference losses against an independent float64 evaluation of docs/METHOD.md's formulas."""
+"""The losses' torch backend (the plain PyTorch reference) against an independent float64 evaluation of
+docs/METHOD.md's formulas."""
 import math
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 import torch
 
+import gift_fast.awc
+import gift_fast.backends as backends
+import gift_fast.losses as losses
 from gift_fast.losses import feature_distill_loss, gift_distill_loss
 
 
@@ -238,3 +243,31 @@ def test_bad_input_names_the_argument(bad, match):
     pos = [kwargs.pop(k) for k in ("img_s", "txt_s", "img_t", "txt_t", "labels")]
     with pytest.raises(ValueError, match=match):
         gift_distill_loss(*pos, **kwargs)
+
+
+def test_one_backend_resolver_for_the_loss_and_the_consolidation(monkeypatch):
+    assert losses.resolve_backend is backends.resolve_backend and losses.BACKENDS is backends.BACKENDS
+    assert gift_fast.awc.BACKENDS is backends.BACKENDS
+    cpu, x = torch.device("cpu"), torch.zeros(2)
+    for b in ("torch", "triton"):
+        assert backends.resolve_backend(b, x) == b
+    assert backends.resolve_backend("auto", x) == "torch" and backends.resolve_backend("auto", cpu) == "torch"
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    assert backends.resolve_backend("auto", "cuda") == "triton"
+    assert backends.resolve_backend("auto", [torch.zeros(1, device="meta")]) == "torch"   # not all on CUDA
+    monkeypatch.setattr(backends, "triton_available", lambda: False)
+    assert backends.resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match=r"--kernels must be one of \('torch', 'triton', 'auto'\), got 'cuda'"):
+        backends.resolve_backend("cuda", x, what="--kernels")
+    model = torch.nn.Linear(3, 2)
+    assert gift_fast.awc.AdaptiveWeightConsolidation(model.named_parameters(), backend="auto").backend == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gift_fast.awc.AdaptiveWeightConsolidation(model.named_parameters(), backend="cuda")
+
+
+def test_the_backend_list_imports_without_torch():
+    """The CLI offers gift_fast.backends.BACKENDS as --kernels choices: importing it must not import torch."""
+    code = "import sys, gift_fast.backends as b; assert 'torch' not in sys.modules, 'torch'; print(b.BACKENDS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "('torch', 'triton', 'auto')"

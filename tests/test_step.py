@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from gift_fast.awc import AdaptiveWeightConsolidation
-from gift_fast.step import GiftStep, StepConfig, compile_blocks
+from gift_fast.losses import DISTILL_MODES as LOSS_DISTILL_MODES
+from gift_fast.precision import Precision, autocast
+from gift_fast.step import DISTILL_MODES, GiftStep, StepConfig, compile_blocks, distillation_loss
 
 
 def tiny_clip(dtype=torch.float64):
@@ -113,7 +115,7 @@ def test_finetune_switch_uses_ce_only():
 
 
 def test_fast_switches_match_plain_step_fp32():
-    """Triton loss + Triton AWC (flat buckets) vs the torch reference, from the same start."""
+    """Triton loss + Triton AWC (flat buckets) vs the torch backend, from the same start."""
     base = tiny_clip(torch.float32)
     teacher = copy.deepcopy(base)
     with torch.no_grad():
@@ -161,8 +163,6 @@ def test_bad_distill_mode():
 def test_feature_distillation_keeps_ita(ita_weight):
     """--distill feature: weight * (F.mse_loss(n(I'), n(I)) + F.mse_loss(n(T'), n(T))) plus ITA, as the authors'
     --feature_mse run computes it (float64, written out without the project's loss code)."""
-    from gift_fast.step import distillation_loss
-
     model = tiny_clip()
     b = batch()
     t_img, t_txt = (x + 0.1 for x in teacher_embeddings(model, b))
@@ -180,3 +180,100 @@ def test_feature_distillation_keeps_ita(ita_weight):
     soft = lambda z, p: -(p * torch.log_softmax(z, 1)).sum(1).mean()  # noqa: E731
     want = feat + ita_weight * (soft(S, A) + soft(S.T, A))
     torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+
+
+def _old_static_fisher(model, awc, step, batches, t_img, t_txt):
+    """The trainer's EWC-V Fisher loop as it was written before GiftStep.fisher_batch (issue 15): its own
+    L_kd forward under autocast, backward, gradient reduction and Fisher update."""
+    for b in batches:
+        step.zero_grad()
+        with autocast(b["syn_images"].device, step.cfg.bf16):
+            loss = distillation_loss(model, b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt,
+                                     step.cfg, step.dist)
+        loss.backward()
+        step.reduce_grads(average=False)
+        awc.update_fisher()
+    step.zero_grad()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fisher_batch_is_the_old_static_fisher_loop_bit_for_bit(backend):
+    base = tiny_clip(torch.float32)
+    batches = [batch(torch.float32, seed=s) for s in (1, 2)]
+    t_img, t_txt = teacher_embeddings(base, batches[0])
+    fishers = []
+    for use_step in (False, True):
+        model = copy.deepcopy(base)
+        awc = AdaptiveWeightConsolidation(model.named_parameters(), fisher="static", backend=backend)
+        if awc.owns_grad_buffers:
+            awc._flat.configure(block_size=4096)       # fewer interpreted programs (the CPU tests)
+        awc.set_anchor()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        step = GiftStep(model, opt, StepConfig(kernels="torch"), awc=awc)   # the AWC's backend is the question
+        if use_step:
+            for b in batches:
+                loss = step.fisher_batch(b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt)
+                assert loss.dim() == 0 and not loss.requires_grad
+        else:
+            _old_static_fisher(model, awc, step, batches, t_img, t_txt)
+        assert awc.num_fisher_updates == len(batches)
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())    # cleared after the pass
+        fishers.append({n: awc.fisher(n).clone() for n in awc.names()})
+    for n in fishers[0]:
+        assert torch.equal(fishers[0][n], fishers[1][n]), n
+
+
+def test_distill_backward_is_the_steps_l_kd_half():
+    model = tiny_clip()
+    b = batch()
+    t_img, t_txt = teacher_embeddings(model, b)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    step = GiftStep(model, opt, StepConfig(kernels="torch"))
+    loss = step.distill_backward(b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    step.zero_grad()
+    want = distillation_loss(model, b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt, step.cfg)
+    want.backward()
+    assert torch.equal(loss, want.detach())
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(got[n], p.grad), n
+    with pytest.raises(ValueError, match="fisher_batch needs the consolidation"):
+        step.fisher_batch(b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt)
+    none_step = GiftStep(model, opt, StepConfig(distill="none", kernels="torch"))
+    with pytest.raises(ValueError, match="no distillation loss"):
+        none_step.distill_backward(b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt)
+
+
+def test_step_precision_is_decided_once():
+    model = tiny_clip(torch.float32)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    assert GiftStep(model, opt, StepConfig(bf16=True)).precision == Precision(torch.device("cpu"), True)
+    assert GiftStep(model, opt, StepConfig()).precision == Precision(torch.device("cpu"), False)
+    with pytest.raises(ValueError, match="StepConfig.bf16"):
+        GiftStep(model, opt, StepConfig(bf16=False), precision=Precision(torch.device("cpu"), True))
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        StepConfig(kernels="cuda")
+
+
+def test_the_step_clears_what_the_consolidation_does_not_own():
+    """With the Triton AWC the step clears the flat buffers in place (awc.owns_grad_buffers), and still clears
+    the gradient of a trainable tensor the consolidation excludes."""
+    model = tiny_clip(torch.float32)
+    b = batch(torch.float32)
+    t_img, t_txt = teacher_embeddings(model, b)
+    awc = AdaptiveWeightConsolidation(model.named_parameters(), backend="triton", exclude=("logit_scale", "ln_final.*"))
+    assert awc.owns_grad_buffers
+    awc._flat.configure(block_size=4096)               # fewer interpreted programs (the CPU tests)
+    assert not AdaptiveWeightConsolidation(copy.deepcopy(model).named_parameters(), backend="torch").owns_grad_buffers
+    awc.set_anchor()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    step = GiftStep(model, opt, StepConfig(kernels="torch"), awc=awc)
+    step(b["images"], b["labels"], b["class_tokens"], b["syn_images"], b["syn_tokens"], b["syn_labels"], t_img, t_txt)
+    assert model.ln_final.weight.grad is None                          # excluded: set to None
+    owned = list(awc.params.values())
+    assert all(p.grad is not None and not p.grad.any() for p in owned)  # the flat views, zeroed in place
+
+
+def test_the_step_distill_modes_are_the_losses_plus_none():
+    assert DISTILL_MODES == LOSS_DISTILL_MODES + ("none",)
