@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from gift_fast.backends import BACKENDS  # imports neither torch nor triton: --help stays fast
 from gift_fast.cli.sd_options import merge_alias, sd_options
 
 # The command line spells the distillation losses with hyphens; gift_fast.losses.DISTILL_MODES (the one list)
@@ -110,7 +111,7 @@ def _seeds(value):
 @click.option("--bf16", is_flag=True, default=None, help="bf16 autocast with fp32 master weights.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="Regional torch.compile of the transformer "
               "blocks (default: on CUDA, the fastest measured step; never on the CPU).")
-@click.option("--kernels", type=click.Choice(["triton", "torch", "auto"]), default=None,
+@click.option("--kernels", type=click.Choice(BACKENDS), default=None,
               help="Fused Triton loss and AWC (auto: on CUDA). Default auto.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads per run.")
 @click.option("--num-workers", type=int, default=None, help="Data loader workers (default 4).")

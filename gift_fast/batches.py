@@ -132,8 +132,5 @@ def normalize_batch(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     return (x_uint8.float() / 255.0 - m) / s
 
 
-# the old private name (gift_fast.train._derived_seed)
-_derived_seed = derived_seed
-
 __all__ = ["derived_seed", "STREAM_TASK", "STREAM_SYN", "STREAM_FISHER", "TaskBatches", "synthetic_indices",
            "normalize_batch"]

@@ -8,7 +8,7 @@ import torch
 from gift_fast.batches import derived_seed
 from gift_fast.config import MTIL_TASKS, task_order
 from gift_fast.data.mtil import build_tasks
-from gift_fast.data.toy import DEFAULT_TOY_ORDER, TOY_TASKS, toy_tasks
+from gift_fast.toy.tasks import DEFAULT_TOY_ORDER, TOY_TASKS, toy_tasks
 from gift_fast.distributed import SINGLE, DistContext
 from gift_fast.models import create_clip
 from gift_fast.run_config import TrainConfig

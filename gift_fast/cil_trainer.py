@@ -11,11 +11,11 @@ result files):
   forgetting (GIFT's distillation on synthetic data and AWC), which is what the benchmark measures.
   CE over every class seen so far would need old-class images (exemplars) to be meaningful: without
   them the old prompts only act as negatives, pushing their text embeddings away from every current
-  image, a bias the seed does not describe;
+  image, a bias the paper does not describe;
 * evaluation after every step (``evaluate_all``) encodes the whole test set once and scores it with
   one classifier over the classes of steps 0..j for every j: entry j of the row is the accuracy on
   the test images of the classes seen up to step j (no task identity). Row t, entry t is the CIL
-  accuracy after step t; the zero-shot row gives the "CLIP Zero-shot" baseline of the seed's tables;
+  accuracy after step t; the zero-shot row gives the "CLIP Zero-shot" baseline of the paper's tables;
 * label smoothing and weight decay per benchmark (0.2 / 0 for CIFAR100, 0 / 0.1 for TinyImageNet);
 * the synthetic class pool's base set is the benchmark's 100 non-overlapping ImageNet names;
 * iterations per step: by default one epoch of the step's training images (``len // batch``,
@@ -27,7 +27,7 @@ Run folder (besides the trainer's config.json, log.jsonl, acc_matrix.csv, checkp
 --task-file``), ``cil.json`` (the CIL settings; checked on resume), ``cil_accuracies.json`` (after
 each step), ``metrics.json`` (Avg / Last, the zero-shot Avg / Last, the published rows under ``"paper"``; runs written
 before call it ``"seed_paper"``) and
-``cil_report.md`` (this run next to the seed's Tab. 7 / 8).
+``cil_report.md`` (this run next to the paper's Tab. 7 / 8).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gift_fast.builders import load_bundle, resolve_device
-from gift_fast.data.cil import (DEFAULT_BASE_SEED, DEFAULT_CLASS_ORDER_SEED, PROTOCOLS, SEED_TABLE_NAMES, CILBenchmark,
-                                build_cil, protocol, read_class_order_file, seed_results)
+from gift_fast.data.cil import (DEFAULT_BASE_SEED, DEFAULT_CLASS_ORDER_SEED, PAPER_TABLE_NAMES, PROTOCOLS, CILBenchmark,
+                                build_cil, paper_results, protocol, read_class_order_file)
 from gift_fast.evaluate import iter_eval_batches, zero_shot_classifier
 from gift_fast.files import atomic_write_text, write_json
 from gift_fast.metrics import cil_metrics
@@ -80,7 +80,7 @@ class CILConfig:
             raise ValueError(f"--steps must be a positive number of class-incremental steps, got {self.steps!r}")
         if proto.incremental_classes % self.steps:
             raise ValueError(f"{self.benchmark}: {proto.incremental_classes} classes cannot be split into {self.steps} "
-                             f"equal steps; the seed uses --steps {' | '.join(map(str, proto.paper_steps))}")
+                             f"equal steps; the paper uses --steps {' | '.join(map(str, proto.paper_steps))}")
         parse_class_order(self.class_order)
         if self.iterations is not None and self.iterations <= 0:
             raise ValueError(f"--iterations must be positive, got {self.iterations}")
@@ -168,8 +168,8 @@ class CILTrainer(ContinualTrainer):
             bundle = load_bundle(cfg, resolve_device(cfg.device))
         if benchmark is None:
             if not cfg.data_root:
-                raise ValueError(f"{cil.benchmark} needs --data-root DIR (see the README section on class-incremental "
-                                 f"benchmarks for the folder layout)")
+                raise ValueError(f"{cil.benchmark} needs --data-root DIR (docs/CLASS_INCREMENTAL.md shows the folder "
+                                 f"layout)")
             rule, seed = parse_class_order(cil.class_order)
             source = None
             if rule == "file":               # seed holds the path: the order is the file's list
@@ -262,7 +262,7 @@ class CILTrainer(ContinualTrainer):
                    "zero_shot": {**cil_metrics(zero_shot), "step_accuracies": zero_shot},
                    "benchmark": self.cil.benchmark, "cil_steps": self.cil.steps, "tasks": self.task_names,
                    "label": label, "seed": self.cfg.seed,
-                   "paper": {k: list(v) for k, v in seed_results(self.cil.benchmark, self.cil.steps).items()}}
+                   "paper": {k: list(v) for k, v in paper_results(self.cil.benchmark, self.cil.steps).items()}}
         write_json(self.out / "metrics.json", metrics)
         atomic_write_text(self.out / "cil_report.md", cil_report_table([metrics]) + "\n")
         return metrics
@@ -275,8 +275,8 @@ def _fmt(vals: Sequence[float]) -> str:
 
 
 def cil_report_table(metrics: Sequence[Dict[str, Any]]) -> str:
-    """A Markdown table of finished CIL runs (their ``metrics.json``) next to the seed's table for the
-    same benchmark and step count: the seed's rows as published, then the zero-shot row measured here
+    """A Markdown table of finished CIL runs (their ``metrics.json``) next to the paper's table for the
+    same benchmark and step count: the paper's rows as published, then the zero-shot row measured here
     and each run label (mean ± std over seeds when several runs share a label)."""
     if not metrics:
         raise ValueError("no finished class-incremental run to report")
@@ -287,9 +287,9 @@ def cil_report_table(metrics: Sequence[Dict[str, Any]]) -> str:
     n_train = len(metrics[0]["step_accuracies"])
     lines = [f"### {bench}, {steps} steps ({n_train} training steps) — Avg / Last top-1 (%)", "",
              "| Method | Avg | Last | Source |", "| --- | --- | --- | --- |"]
-    for name, (avg, last) in seed_results(bench, steps).items():
+    for name, (avg, last) in paper_results(bench, steps).items():
         lines.append(f"| {name} | {'-' if avg is None else f'{avg:.2f}'} | {'-' if last is None else f'{last:.2f}'} "
-                     f"| seed paper, {SEED_TABLE_NAMES[bench]} |")
+                     f"| the paper, {PAPER_TABLE_NAMES[bench]} |")
     zs = [m["zero_shot"] for m in metrics]
     lines.append(f"| CLIP Zero-shot (measured) | {_fmt([z['avg'] for z in zs])} | {_fmt([z['last'] for z in zs])} "
                  f"| this run{'s' if len(zs) > 1 else ''} |")
@@ -374,7 +374,7 @@ def run_cil_command(benchmark: str, opts: Dict[str, Any], *, out: Optional[str],
     steps = opts.pop("steps", None)
     if steps is None:
         proto = protocol(benchmark)
-        raise ValueError(f"--benchmark {benchmark} needs --steps N, the number of class-incremental steps (the seed: "
+        raise ValueError(f"--benchmark {benchmark} needs --steps N, the number of class-incremental steps (the paper: "
                          f"{' | '.join(map(str, proto.paper_steps))})")
     for mtil_only in ("order", "tasks", "toy"):
         if opts.pop(mtil_only, None) is not None:

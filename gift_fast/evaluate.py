@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from gift_fast.data.base import TaskSpec
 from gift_fast.distributed import SINGLE, DistContext, all_reduce_sum
 from gift_fast.precision import Precision
-from gift_fast.precision import autocast  # noqa: F401  (re-exported: gift_fast.evaluate.autocast, its old home)
 from gift_fast.text import encode_text, trim_tokens
 
 

@@ -35,15 +35,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from gift_fast.checkpoints import activation_name, architecture_options, checkpoint_architecture, load_weights
+from gift_fast.errors import ModelUnavailable
 from gift_fast.toy.clip import TINY_MODEL_CONFIGS, build_tiny_clip, is_tiny, toy_clip_tokenizer
 from gift_fast.toy.pretrain import pretrained_toy_clip_path
 
-# (old home) of names that moved: checkpoint files to gift_fast.checkpoints, the writers to gift_fast.files; the
-# toy CLIP's word tokenizer was called tiny_tokenizer here (gift_fast.toy.clip.toy_clip_tokenizer).
-from gift_fast.checkpoints import (ARCHITECTURE_KEY, atomic_save_safetensors, check_state_dict,  # noqa: E402,F401
-                                   checkpoint_metadata, read_state_dict, save_model, state_dict_fp32)
-from gift_fast.files import append_text_line, atomic_write_text, write_error  # noqa: E402,F401
-tiny_tokenizer = toy_clip_tokenizer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -183,8 +178,6 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
                              f"is empty, truncated or not an open_clip checkpoint of this model") from None
         if not isinstance(e, RuntimeError):
             raise
-        # local: preflight imports this module back (is_tiny) until it takes it from gift_fast.toy.clip
-        from gift_fast.preflight import ModelUnavailable
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise ModelUnavailable(
             f"could not load {model_name!r} with pretrained={pretrained!r}: {e}. "
@@ -201,7 +194,4 @@ def _create_open_clip(model_name: str, pretrained: Optional[str], cache_dir: Opt
                       {"preprocess_val": preprocess_val})
 
 
-__all__ = ["ClipBundle", "create_clip", "build_tiny_clip", "TINY_MODEL_CONFIGS", "is_tiny", "save_model",
-           "load_weights", "read_state_dict", "check_state_dict", "atomic_save_safetensors", "atomic_write_text",
-           "checkpoint_metadata", "state_dict_fp32", "architecture_options", "checkpoint_architecture",
-           "activation_name", "write_error"]
+__all__ = ["ClipBundle", "create_clip", "OPENAI_MEAN", "OPENAI_STD"]

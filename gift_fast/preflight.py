@@ -21,8 +21,9 @@ from urllib.parse import urlparse
 
 from gift_fast.config import MTIL_TASKS, task_order
 from gift_fast.data.mtil import check_task_data
-from gift_fast.data.toy import TOY_TASKS
-from gift_fast.models import is_tiny
+from gift_fast.toy.tasks import TOY_TASKS
+from gift_fast.toy.clip import is_tiny
+from gift_fast.errors import ModelUnavailable
 from gift_fast.synth.generators import DEFAULT_MODEL
 
 GB = 2 ** 30
@@ -33,11 +34,6 @@ PARAM_BYTES = 4                           # checkpoints are float32 state dicts
 # Parameter counts of the architectures whose checkpoints the disk check can size without building the model
 # (counted on the real models in bench/RESULTS.md, AWC table); other architectures are not sized.
 CLIP_PARAMS = {"ViT-B-16": 149_600_000, "ViT-L-14": 427_600_000}
-
-
-class ModelUnavailable(OSError, RuntimeError):
-    """The weights are neither on this machine nor downloadable (no network, unknown id), or they failed to
-    load. An OSError (what the commands report as one line) and a RuntimeError (what loaders raised before)."""
 
 
 def hub_reachable(timeout: float = 5.0) -> Tuple[bool, str]:

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from gift_fast.data.synthetic import load_reference_set, load_synthetic_set
-from gift_fast.data.toy import BASE_CLASSNAMES, ToyGenerator
+from gift_fast.toy.generator import ToyGenerator
+from gift_fast.toy.world import BASE_CLASSNAMES
 from gift_fast.distributed import SINGLE, DistContext
 from gift_fast.method import MethodSpec
 from gift_fast import preflight

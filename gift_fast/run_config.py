@@ -211,7 +211,7 @@ def identity_differences(recorded: Dict[str, Any], cfg: TrainConfig) -> List[str
 
 
 # =============================================================================== presets
-# The tiny preset: the toy world (gift_fast.data.toy) on a CPU, GIFT against continual
+# The tiny preset: the toy world (gift_fast.toy) on a CPU, GIFT against continual
 # fine-tuning over three seeds. Hyper-parameters are the paper's except where the toy
 # scale needs its own (a tiny model learns at 1e-3, not 1e-5; 150 steps per task, 15 of
 # them warm-up as the paper's 100 of 1,000; batches of 32; 200 synthetic images per task).

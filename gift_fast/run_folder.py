@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from gift_fast.files import atomic_write_bytes, atomic_write_text, read_json, write_json
 from gift_fast.metrics import continual_metrics
 # checkpoint I/O (another part of issue 15 moves these to gift_fast.checkpoints, the old names staying)
-from gift_fast.models import atomic_save_safetensors, load_weights, save_model, state_dict_fp32
+from gift_fast.checkpoints import atomic_save_safetensors, load_weights, save_model, state_dict_fp32
 
 MARKER = ".gift-fast-run"
 LOCK = ".gift-fast-lock"

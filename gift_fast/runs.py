@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from tqdm.auto import tqdm
 
 from gift_fast.builders import build_task_list, load_bundle, resolve_device  # noqa: F401  (builders of a run)
-from gift_fast.data.toy import pretrained_toy_clip_path
+from gift_fast.toy.pretrain import pretrained_toy_clip_path
 from gift_fast.distributed import current, main_first
 from gift_fast.method import METHOD_DEFAULTS, METHODS
 from gift_fast.run_config import TrainConfig

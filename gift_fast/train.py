@@ -42,33 +42,28 @@ from tqdm.auto import tqdm
 
 from gift_fast import run_folder as rf
 from gift_fast.awc import AdaptiveWeightConsolidation
-from gift_fast.batches import (STREAM_FISHER, STREAM_SYN, STREAM_TASK, TaskBatches, derived_seed,  # noqa: F401
-                               normalize_batch, synthetic_indices)
+from gift_fast.batches import (STREAM_FISHER, STREAM_SYN, STREAM_TASK, TaskBatches, derived_seed, normalize_batch,
+                               synthetic_indices)
+from gift_fast.checkpoints import load_weights
 from gift_fast.builders import build_task_list, load_bundle, resolve_device
 from gift_fast.distributed import DistContext, all_reduce_tensors_, current, main_first
 from gift_fast.evaluate import evaluate_tasks
 from gift_fast.files import append_text_line, write_json
-from gift_fast.method import (CONSOLIDATIONS, METHOD_DEFAULTS, METHODS, MethodSpec, parse_teacher,  # noqa: F401
-                              resolve_method, step_config)
-from gift_fast.models import load_weights
+# resolve_method and MethodSpec: also gift_fast.train's (the README's Python API names them here)
+from gift_fast.method import MethodSpec, resolve_method, step_config  # noqa: F401
 from gift_fast.precision import Precision
 from gift_fast.preflight import check_train
 from gift_fast.replay import SyntheticReplay, check_replay_source
 from gift_fast.report import plot_run
-from gift_fast.run_config import (PRESET_RUNS, PRESETS, SD_FIELDS, TrainConfig, identity_differences,  # noqa: F401
-                                  identity_of, preset_config)
-from gift_fast.schedule import TaskSchedule, cosine_lr_lambda, make_optimizer  # noqa: F401
-from gift_fast.step import GiftStep, compile_blocks, distillation_loss
-from gift_fast.teacher import Teacher, embed_distill_set, mix_state  # noqa: F401
+# TrainConfig and preset_config: also gift_fast.train's (the README's Python API)
+from gift_fast.run_config import TrainConfig, identity_differences, identity_of, preset_config  # noqa: F401
+from gift_fast.schedule import TaskSchedule, make_optimizer
+from gift_fast.step import GiftStep, compile_blocks
+from gift_fast.teacher import Teacher
 from gift_fast.text import trim_tokens
 from gift_fast.tracking import RunHooks
 from gift_fast.validation import check_train_config
 from gift_fast.versions import package_versions
-
-# Old homes: these names moved (gift_fast.batches, gift_fast.run_folder); kept importable from here.
-_derived_seed = derived_seed
-write_acc_csv = rf.write_acc_csv
-
 
 class ContinualTrainer:
     """One continual run: a model, a task sequence, a method, a run folder.
@@ -156,8 +151,9 @@ class ContinualTrainer:
 
     def evaluate_all(self) -> List[float]:
         return evaluate_tasks(self.model, self.bundle.tokenizer, self.tasks, device=self.device,
-                              bf16=self.precision.bf16, batch_size=self.cfg.eval_batch_size,
-                              num_workers=self.cfg.num_workers, progress=self._progress, dist=self.dist)
+                              bf16=self.precision.bf16, precision=self.precision,
+                              batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
+                              progress=self._progress, dist=self.dist)
 
     # ------------------------------------------------------------------ the parts of a task
     def distill_set(self, t: int):
@@ -176,7 +172,7 @@ class ContinualTrainer:
         optimizer, scheduler = make_optimizer([p for p in self.model.parameters() if p.requires_grad], schedule,
                                               self.device)
         step = GiftStep(self.model, optimizer, step_config(self.method, self.cfg, self.logit_scale), awc=self.awc,
-                        scheduler=scheduler, dist=self.dist)
+                        scheduler=scheduler, dist=self.dist, precision=self.precision)
         return step, optimizer, scheduler
 
     def checkpoint_path(self, t: int) -> Path:
@@ -269,25 +265,17 @@ class ContinualTrainer:
         return k
 
     def _static_fisher(self, step, syn, t: int) -> None:
-        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd.
-
-        The gradients are cleared before each batch and after the last (the authors' static-Fisher loop stops
-        clearing them once its estimate ends, so later steps add up old gradients: docs/METHOD.md, "Defects")."""
+        """EWC-V: F = running mean of g^2 / mean(g^2) over ``fisher_batches`` synthetic batches of L_kd
+        (``GiftStep.fisher_batch``: the step's own L_kd half, the gradients cleared before and after each batch;
+        the authors' static-Fisher loop stops clearing them once its estimate ends, so later steps add up old
+        gradients: docs/METHOD.md, "Defects")."""
         idx_all = synthetic_indices(len(syn["images"]), self.cfg.syn_batch_size, self.cfg.fisher_batches,
                                     derived_seed(self.cfg.seed, t, STREAM_FISHER)).to(self.device)
         rows = self.dist.rows(self.cfg.syn_batch_size)
         for i in idx_all:
-            step.zero_grad()
             kk = syn["labels"][i]
-            with self.precision.autocast():
-                loss = distillation_loss(self.model, normalize_batch(syn["images"][i[rows]], self.bundle.mean,
-                                                                     self.bundle.std),
-                                         syn["tokens"][kk[rows]], kk, syn["t_img"][i], syn["t_txt"][kk], step.cfg,
-                                         self.dist)
-            loss.backward()
-            step.reduce_grads(average=False)      # the Fisher of the global batch, as in the steps
-            self.awc.update_fisher()
-        step.zero_grad()
+            step.fisher_batch(normalize_batch(syn["images"][i[rows]], self.bundle.mean, self.bundle.std),
+                              syn["tokens"][kk[rows]], kk, syn["t_img"][i], syn["t_txt"][kk])
 
     def _check_finite_weights(self, t: int, k: int) -> None:
         """The NaN guard on the weights (one host sync): a step can leave finite losses but NaN weights."""
@@ -439,6 +427,4 @@ def train(cfg: TrainConfig, **kw) -> Dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-__all__ = ["TrainConfig", "MethodSpec", "resolve_method", "parse_teacher", "ContinualTrainer", "train",
-           "PRESETS", "PRESET_RUNS", "preset_config", "identity_of",
-           "cosine_lr_lambda", "synthetic_indices", "TaskBatches", "embed_distill_set", "mix_state", "METHODS"]
+__all__ = ["TrainConfig", "MethodSpec", "resolve_method", "preset_config", "ContinualTrainer", "train"]

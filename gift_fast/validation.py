@@ -15,9 +15,10 @@ import os
 import re
 from typing import Any, Iterable, Optional, Tuple
 
+from gift_fast.backends import BACKENDS
 from gift_fast.config import task_order
-from gift_fast.data.toy import TOY_TASKS
-from gift_fast.models import TINY_MODEL_CONFIGS, is_tiny
+from gift_fast.toy.tasks import TOY_TASKS
+from gift_fast.toy.clip import is_tiny, TINY_MODEL_CONFIGS
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
@@ -139,8 +140,8 @@ def check_train_config(cfg, world_size: int = 1) -> None:
     check_device("--device", cfg.device)
     if cfg.keep_checkpoints not in ("all", "last"):
         raise OptionError(f"--keep-checkpoints must be all or last, got {cfg.keep_checkpoints!r}")
-    if cfg.kernels not in ("torch", "triton", "auto"):
-        raise OptionError(f"--kernels must be torch, triton or auto, got {cfg.kernels!r}")
+    if cfg.kernels not in BACKENDS:
+        raise OptionError(f"--kernels must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, got {cfg.kernels!r}")
     if cfg.generator not in ("sd", "toy"):
         raise OptionError(f"--generator must be sd or toy, got {cfg.generator!r}")
     if cfg.pretrained == "toy" and not is_tiny(cfg.model):

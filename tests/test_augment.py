@@ -15,7 +15,7 @@ from gift_fast.data.cache import (CACHE_FORMAT_VERSION, CachedImageDataset, _to_
                                   clip_eval_transform, clip_train_transform, crop_resize, random_resized_crop_box,
                                   train_crop_width)
 from gift_fast.evaluate import iter_eval_batches
-from gift_fast.train import TaskBatches
+from gift_fast.batches import TaskBatches
 
 SIZES = [(375, 500), (500, 375), (300, 300), (240, 800), (800, 240), (333, 450), (450, 430)]
 

@@ -3,7 +3,6 @@ per-step evaluation, the trainer (CE over the step's classes, per-benchmark labe
 decay, metrics, report, resume checks) and the command line."""
 import hashlib
 import json
-import os
 
 import pytest
 import torch
@@ -137,7 +136,7 @@ def test_report_table_next_to_the_seed():
              "step_accuracies": [0.0] * 10, "zero_shot": {"avg": 70.0, "last": 60.0}}
             for s, a, l in ((0, 80.0, 70.0), (1, 82.0, 72.0))]
     text = cil_report_table(runs)
-    assert "| GIFT | 85.11 | 77.70 | seed paper, Tab. 7 |" in text
+    assert "| GIFT | 85.11 | 77.70 | the paper, Tab. 7 |" in text
     assert "| RPSNet | 68.60 | 57.05 |" in text
     assert "| gift (measured) | 81.00 ± 1.41 | 71.00 ± 1.41 | this project, seeds 0, 1 |" in text
     assert "| CLIP Zero-shot (measured) | 70.00 ± 0.00 | 60.00 ± 0.00 |" in text

@@ -57,7 +57,7 @@ def synth_run(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------ defaults
 def test_train_order1_bf16_compiles_on_cuda_not_on_cpu(train_cfgs, monkeypatch):
-    from gift_fast.train import resolve_device
+    from gift_fast.builders import resolve_device
 
     (cfg,) = train_cfgs("--order", "1", "--bf16")
     assert cfg.order == 1 and cfg.bf16 and cfg.compile is None and cfg.kernels == "auto"
@@ -126,7 +126,8 @@ def test_old_run_folders_stay_resumable():
     """Fields added by the generator configuration do not change an existing run's identity."""
     import dataclasses
 
-    from gift_fast.train import TrainConfig, identity_of
+    from gift_fast.run_config import identity_of
+    from gift_fast.train import TrainConfig
 
     ident = identity_of(TrainConfig())
     assert not any(k.startswith("sd_") and k not in ("sd_model", "sd_steps") for k in ident)
@@ -311,3 +312,13 @@ def test_train_on_the_fly_checks_the_sd_model_before_loading(fake_data, tmp_path
                       pretrained=None, synth="on-the-fly", out=str(tmp_path / "run"))
     with relaxed_md5_checks(), pytest.raises(pf.ModelUnavailable, match="--sd-model"):
         pf.check_train(cfg)
+
+
+def test_cli_distill_choices_are_the_one_list_spelled_with_hyphens():
+    """The CLI keeps its own spelling of the distillation losses (importing gift_fast.losses would load torch at
+    `--help`): it must name exactly gift_fast.losses.DISTILL_MODES, and every choice must map onto one of them."""
+    from gift_fast.cli.train import DISTILL_CHOICES, _distill
+    from gift_fast.losses import DISTILL_MODES
+
+    assert sorted(_distill(c) for c in DISTILL_CHOICES) == sorted(DISTILL_MODES)
+    assert len(set(DISTILL_CHOICES)) == len(DISTILL_CHOICES)

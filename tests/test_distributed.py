@@ -214,8 +214,8 @@ def _key_bias_free(state):
 
 
 def test_tiny_preset_on_two_processes_matches_one(tmp_path):
-    from gift_fast.data.toy import pretrained_toy_clip_path
-    from gift_fast.models import read_state_dict
+    from gift_fast.toy import pretrained_toy_clip_path
+    from gift_fast.checkpoints import read_state_dict
 
     pretrained_toy_clip_path("toy-vit", progress=False)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -260,7 +260,7 @@ KILL_DRIVER = KILL_AT_STEP + textwrap.dedent("""
 
 
 def test_two_processes_killed_mid_task_and_resumed_match_one_uninterrupted(tmp_path):
-    from gift_fast.data.toy import pretrained_toy_clip_path
+    from gift_fast.toy import pretrained_toy_clip_path
 
     pretrained_toy_clip_path("toy-vit", progress=False)
     driver = tmp_path / "kill_driver.py"
@@ -321,7 +321,7 @@ def test_evaluation_shares_cover_the_test_set_once(kind):
 
 
 def test_eval_command_on_two_processes_scores_as_one(tmp_path):
-    from gift_fast.data.toy import pretrained_toy_clip_path
+    from gift_fast.toy import pretrained_toy_clip_path
 
     pretrained_toy_clip_path("toy-vit", progress=False)
     args = lambda out: ["eval", "--preset", "tiny", "--tasks", "ToyShapes,ToyDigits", "--quiet",  # noqa: E731
@@ -333,7 +333,7 @@ def test_eval_command_on_two_processes_scores_as_one(tmp_path):
     assert res.stdout.count("mean") == 1                   # rank 0 prints
     assert json.loads(two.read_text()) == json.loads(one.read_text())
     # one side against a zero-shot evaluation written out here (the preset's toy CLIP and test sets)
-    from gift_fast.data.toy import toy_tasks
+    from gift_fast.toy import toy_tasks
     from gift_fast.models import create_clip
 
     bundle = create_clip("toy-vit", "toy")

@@ -4,31 +4,18 @@ Every ``import`` / ``from ... import`` of every module is read with ``ast``, fun
 included (a local import only hides a circle, it does not remove it), and the test fails on any
 circle of the module graph. ``kernels/`` and ``cli/`` count as ``gift_fast.kernels`` and
 ``gift_fast.cli`` (their installed names). An edge goes to the module an import names: ``from
-gift_fast.toy.world import X`` depends on ``gift_fast.toy.world``, ``from gift_fast.data import toy``
-on ``gift_fast.data.toy``; the parent packages Python initialises on the way are not counted (a
+gift_fast.toy.world import X`` depends on ``gift_fast.toy.world``, ``from gift_fast.data import mtil``
+on ``gift_fast.data.mtil``; the parent packages Python initialises on the way are not counted (a
 package's ``__init__`` may re-export its submodules).
 """
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"gift_fast": ROOT / "gift_fast", "gift_fast.kernels": ROOT / "kernels", "gift_fast.cli": ROOT / "cli"}
-
-# Edges of a circle that another part of issue 15 removes (the files are not this part's); the integrator
-# empties this set once the importers use the new homes. Each entry: (importer, imported).
-PENDING: Set[Tuple[str, str]] = {
-    # preflight: is_tiny from gift_fast.toy.clip (models raises preflight.ModelUnavailable)
-    ("gift_fast.preflight", "gift_fast.models"),
-    # preflight takes DEFAULT_MODEL from the generators, which raise preflight.ModelUnavailable: one of the two
-    # moves (e.g. ModelUnavailable to a module of errors that imports nothing of the package)
-    ("gift_fast.preflight", "gift_fast.synth.generators"),
-    # tracking reads the trainer's names (the trainer split of issue 15)
-    ("gift_fast.tracking", "gift_fast.train"),
-}
-
 
 def _modules() -> Dict[str, Path]:
     out: Dict[str, Path] = {}
@@ -74,7 +61,7 @@ def import_graph() -> Dict[str, Set[str]]:
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
                 dep = _known(t, modules)
-                if dep is not None and dep != module and (module, dep) not in PENDING:
+                if dep is not None and dep != module:
                     graph[module].add(dep)
     return graph
 

@@ -177,7 +177,8 @@ def test_eval_command_reloads_a_quick_gelu_checkpoint_as_the_same_function(tmp_p
 
     from gift_fast.cli.main import main
     from gift_fast.evaluate import evaluate_tasks
-    from gift_fast.train import build_task_list, preset_config
+    from gift_fast.builders import build_task_list
+    from gift_fast.train import preset_config
 
     torch.manual_seed(3)
     src = build_tiny_clip("toy-vit-test", quick_gelu=True)

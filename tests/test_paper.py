@@ -11,7 +11,8 @@ from gift_fast import paper
 from gift_fast.cli.main import main
 from gift_fast.config import ORDERS
 from gift_fast.report import report
-from gift_fast.train import PRESETS, TrainConfig, resolve_method
+from gift_fast.run_config import PRESETS
+from gift_fast.train import resolve_method, TrainConfig
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -53,6 +54,9 @@ def test_rows_of_each_configuration():
         ("Tab. 3", "+CD +ITA"), ("Tab. 4a", "Contrastive"), ("Tab. 4b", "Last CLIP"), ("Tab. 4c", "ITA scale 0.25"),
         ("Tab. 5", "GIFT, Synthetic, 1K")}
     assert rows(_match(method="l2", cd=True)) == {("Tab. 3", "+CD"), ("Tab. 4c", "ITA scale 0")}
+    # Tab. 4a's feature distance ran with ITA beside it (the authors' --feature_mse, as gift_fast.step computes it)
+    assert rows(_match(method="l2", cd=True, ita=True, distill="feature")) == {("Tab. 4a", "Feat. Dist.")}
+    assert rows(_match(method="l2", cd=True, ita=False, distill="feature")) == set()
     assert rows(_match(method="l2", cd=True, ita=True, teacher="wise:0.2")) == {("Tab. 4b", "WiSE(0.2)")}
     assert rows(_match(method="ewc-v", fisher_batches=2)) == {("Tab. 6", "EWC-V, 128 samples")}
     assert rows(_match(method="l2", cd=True, ita=True, images_per_task=3000, reference_images="x")) == {

@@ -77,7 +77,8 @@ def test_train_into_a_folder_of_user_files_is_refused(tmp_path):
 def _files(tmp_path):
     import torch
 
-    from gift_fast.models import build_tiny_clip, save_model
+    from gift_fast.checkpoints import save_model
+    from gift_fast.toy.clip import build_tiny_clip
 
     good = save_model(build_tiny_clip("toy-vit-test"), tmp_path / "good.safetensors")
     data = good.read_bytes()
@@ -186,7 +187,7 @@ def test_full_disk_while_appending_the_log_names_the_file(tmp_path):
 
 
 def test_append_text_line_names_the_file_on_a_full_device():
-    from gift_fast.models import append_text_line
+    from gift_fast.files import append_text_line
 
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full (Linux)")

@@ -317,7 +317,8 @@ def test_eval_refuses_non_finite_weights(tmp_path):
     from click.testing import CliRunner
 
     from gift_fast.cli.main import main
-    from gift_fast.models import build_tiny_clip, save_model
+    from gift_fast.checkpoints import save_model
+    from gift_fast.toy.clip import build_tiny_clip
 
     model = build_tiny_clip("toy-vit-test")
     with torch.no_grad():

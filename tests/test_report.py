@@ -6,7 +6,7 @@ import pytest
 
 from gift_fast.metrics import continual_metrics
 from gift_fast.report import load_run, plot_run, report, report_tables
-from gift_fast.train import write_acc_csv
+from gift_fast.run_folder import write_acc_csv
 
 
 def fake_run(folder, label, seed, zero, acc, tasks=("A", "B", "C")):

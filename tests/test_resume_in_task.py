@@ -34,7 +34,7 @@ STEPS = 12
 def tiny_config(out: Path, resume: bool = False) -> dict:
     import dataclasses
 
-    from gift_fast.data.toy import DEFAULT_TOY_ORDER
+    from gift_fast.toy import DEFAULT_TOY_ORDER
     from gift_fast.train import preset_config
 
     cfg = preset_config("tiny", out=str(out), tasks=list(DEFAULT_TOY_ORDER[:2]), steps=STEPS, warmup=2,
@@ -55,8 +55,8 @@ def finish(proc: subprocess.Popen) -> tuple:
 
 
 def test_killed_mid_task_and_resumed_matches_uninterrupted(tmp_path):
-    from gift_fast.data.toy import pretrained_toy_clip_path
-    from gift_fast.models import read_state_dict
+    from gift_fast.toy import pretrained_toy_clip_path
+    from gift_fast.checkpoints import read_state_dict
 
     pretrained_toy_clip_path("toy-vit", progress=False)     # both processes find it cached
     driver = tmp_path / "driver.py"

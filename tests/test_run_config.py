@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from gift_fast.cli.main import main
 from gift_fast.run_config import from_authors_config, load_config_file
-from gift_fast.train import TrainConfig, identity_of
+from gift_fast.run_config import identity_of
+from gift_fast.train import TrainConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gift_cl"
 

@@ -1,7 +1,6 @@
 """The synthesis engine with a fast fake generator: layout, CSV, manifest, resume, sharding, black images."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from gift_fast.data.synthetic import load_synthetic_set
-from gift_fast.models import create_clip, read_state_dict, save_model
+from gift_fast.checkpoints import read_state_dict, save_model
+from gift_fast.models import create_clip
 from toy_runs import init_checkpoint, toy_run_config
-from gift_fast.train import (STREAM_SYN, STREAM_TASK, ContinualTrainer, _derived_seed,
-                             embed_distill_set, normalize_batch, resolve_method)
+from gift_fast.batches import derived_seed as _derived_seed, normalize_batch, STREAM_SYN, STREAM_TASK
+from gift_fast.teacher import embed_distill_set
+from gift_fast.train import ContinualTrainer, resolve_method
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gift_fast.models import create_clip, read_state_dict
+from gift_fast.checkpoints import read_state_dict
+from gift_fast.models import create_clip
 from toy_runs import init_checkpoint, toy_run_config
-from gift_fast.train import STREAM_FISHER, ContinualTrainer, _derived_seed, cosine_lr_lambda
+from gift_fast.batches import derived_seed as _derived_seed, STREAM_FISHER
+from gift_fast.schedule import cosine_lr_lambda
+from gift_fast.train import ContinualTrainer
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,7 @@ def _csv_texts(folder):
 
 
 def test_on_the_fly_prompts_are_the_engines_and_leave_out_the_task_being_learned(tmp_path, init_ckpt):
-    from gift_fast.data.toy import BASE_CLASSNAMES, ToyGenerator
+    from gift_fast.toy import BASE_CLASSNAMES, ToyGenerator
     from gift_fast.synth.engine import synthesize_sequence
 
     n = 80
@@ -163,7 +166,7 @@ def test_ewc_v_fisher_of_the_second_task_is_its_own(tmp_path, init_ckpt):
     """Task 2's static Fisher = the mean of g^2 / mean(g^2) over its fisher_batches synthetic batches,
     at the weights after task 1: nothing of task 1's estimate."""
     from gift_fast.data.synthetic import load_synthetic_set
-    from gift_fast.train import normalize_batch
+    from gift_fast.batches import normalize_batch
 
     cfg = cfg_for(tmp_path, init_ckpt, method="ewc-v", fisher_batches=2, steps=2)
     trainer = ContinualTrainer(cfg)

@@ -2,7 +2,8 @@
 model and a two-task toy configuration small enough for a CPU test (each file overrides what it studies)."""
 import torch
 
-from gift_fast.models import create_clip, save_model
+from gift_fast.checkpoints import save_model
+from gift_fast.models import create_clip
 from gift_fast.train import TrainConfig
 
 

@@ -50,7 +50,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from ..config import task_order
-from ..files import atomic_write_bytes, atomic_write_text, read_json, write_json  # write_json/read_json: (old home)
+from ..files import atomic_write_bytes, atomic_write_text, read_json, write_json
 from ..versions import gift_fast_version, package_versions
 from .prompts import (IMAGENET_SYNTHETIC_TEMPLATE, SEED_SCHEMES, PoolSource, imagenet_pool_source,
                       pool_source, pool_task_names, seed_for, sequence_prompts, shard_indices, task_pools)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
+from gift_fast.errors import ModelUnavailable
 from gift_fast.files import atomic_write_text
 from gift_fast.versions import package_versions
 
@@ -183,9 +184,6 @@ def tiny_sd_tokenizer(cache_dir: Optional[str] = None):
     tok = CLIPTokenizer.from_pretrained(str(root))
     tok.model_max_length = 77
     return tok
-
-
-tiny_tokenizer = tiny_sd_tokenizer   # its name before the toy CLIP's tokenizer got one of its own
 
 
 def random_pipeline(arch: str = "tiny", *, device=None, dtype=None, seed: int = 0, safety_checker=None,
@@ -611,7 +609,6 @@ class StableDiffusionGenerator:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, **load_kw)
         except Exception as e:
-            from gift_fast.preflight import ModelUnavailable   # local: preflight imports this module back
             raise ModelUnavailable(f"could not load the Stable Diffusion pipeline {model!r}: {type(e).__name__}: {e}. "
                                "A Hub id needs the model in the local Hugging Face cache or network access; "
                                "a folder must hold a diffusers pipeline (model_index.json, unet/, vae/, ...)") from e
