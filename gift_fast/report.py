@@ -11,6 +11,7 @@ task against the task index (the paper's Fig. 6).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from gift_fast.files import atomic_write_text
+from gift_fast.files import atomic_write_bytes, atomic_write_text
 from gift_fast.metrics import continual_metrics
 from gift_fast.paper import (MTIL_PER_TASK, PER_TASK_TABLE_OF_ORDER, PROTOCOL_TEXT, TABLE_OF_ORDER, PaperMatch,
                              mtil_order_of, paper_rows)
@@ -286,6 +287,17 @@ def report(paths: Sequence[str], *, markdown: Optional[str] = None, by_seed: boo
 
 
 # ----------------------------------------------------------------------------- plots
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Render a matplotlib figure to PNG and write it atomically (gift_fast.files), then close it: a kill
+    mid-write leaves the previous plot, never half of one."""
+    import matplotlib.pyplot as plt   # lazy: matplotlib only when a plot is made
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_run(path) -> List[Path]:
     """``acc_matrix.png`` (heat map) and ``acc_curves.png`` (accuracy per task vs task index) in the run folder."""
     import matplotlib
@@ -310,8 +322,7 @@ def plot_run(path) -> List[Path]:
     ax.set_title(f"{run.label}: accuracy on each task (columns) after each task (rows)")
     fig.tight_layout()
     out.append(run.path / "acc_matrix.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    save_figure(fig, out[-1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(mat.shape[0])
@@ -325,8 +336,7 @@ def plot_run(path) -> List[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out.append(run.path / "acc_curves.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    save_figure(fig, out[-1])
     return out
 
 

@@ -56,7 +56,7 @@ from gift_fast.batches import normalize_batch
 from gift_fast.distributed import all_reduce_sum, all_reduce_tensors_
 from gift_fast.evaluate import iter_eval_batches, zero_shot_classifier
 from gift_fast.files import append_text_line, atomic_write_text
-from gift_fast.report import plot_run
+from gift_fast.report import plot_run, save_figure
 from gift_fast.text import encode_text
 
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
@@ -425,13 +425,7 @@ def plot_curves(runs: Sequence, path) -> Path:
     ax_acc.set_title("test accuracy of the tracked tasks")
     ax_acc.set_ylabel("top-1 accuracy (%)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, Path(path))
 
 
 __all__ = ["RunHooks", "parse_report_to", "check_backends", "read_curves", "plot_curves", "CURVES_FILE", "REPORT_TO"]

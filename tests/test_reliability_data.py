@@ -107,7 +107,7 @@ def test_a_decompression_bomb_png_is_a_sentence_naming_it(tmp_path):
 
 
 def test_synthetic_fingerprint_follows_manifest_and_csv(tmp_path):
-    from gift_fast.data.synthetic import synthetic_fingerprint
+    from gift_fast.run_folder import synthetic_fingerprint
 
     folder = _folder(tmp_path, "image,text\n0.png,a photo of a cat.\n", images=["0.png"])
     a = synthetic_fingerprint(tmp_path / "syn", "ToyShapes")

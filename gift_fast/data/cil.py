@@ -58,6 +58,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from gift_fast.data.base import TaskSpec
+from gift_fast.data.cache import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, CachedImageDataset, clip_eval_transform,
+                                  files_fingerprint, labels_fingerprint)
+from gift_fast.data.mtil import TransformedDataset, build_task, imagenet_classnames
 from gift_fast.files import atomic_write_text
 from gift_fast.paper import CIL_RESULTS, CIL_TABLE_NAMES
 
@@ -375,7 +378,6 @@ def base_classnames(downstream: Sequence[str], n: int = 100, seed: int = DEFAULT
 
 
 def _imagenet_classnames() -> List[str]:
-    from gift_fast.data.mtil import imagenet_classnames
     return imagenet_classnames()
 
 
@@ -516,7 +518,6 @@ def read_tiny_imagenet(data_root: str) -> dict:
 def dataset_labels(ds) -> np.ndarray:
     """Every sample's label without decoding an image: a ``CachedImageDataset``'s, an ``ImageFiles``', or
     (through ``TransformedDataset``) the wrapped torchvision CIFAR100's."""
-    from gift_fast.data.mtil import TransformedDataset
     if isinstance(ds, TransformedDataset):
         ds = ds.source
     labels = getattr(ds, "labels", None)
@@ -564,13 +565,11 @@ class CachedClassSubset(ClassSubset):
         return self.source.normalize(x)
 
     def iter_batches(self, *args, **kw):
-        from gift_fast.data.cache import CachedImageDataset
         return CachedImageDataset.iter_batches(self, *args, **kw)
 
 
 def class_subset(source: Dataset, label_map: Dict[int, int], source_labels=None) -> ClassSubset:
     """A ``CachedClassSubset`` over a cache (keeping ``get_batch``), else a plain ``ClassSubset``."""
-    from gift_fast.data.cache import CachedImageDataset
     cls = CachedClassSubset if isinstance(source, CachedImageDataset) else ClassSubset
     return cls(source, label_map, source_labels)
 
@@ -655,7 +654,6 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
     from its standard folder layout (module docstring). With ``cache_dir`` the images are decoded once
     into a uint8 cache (``CachedImageDataset``). With ``record_dir`` (the run folder) the split is
     written there, or checked against the one already there."""
-    from gift_fast.data.cache import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     proto = protocol(benchmark)
     mean = tuple(mean) if mean is not None else OPENAI_DATASET_MEAN
     std = tuple(std) if std is not None else OPENAI_DATASET_STD
@@ -664,7 +662,6 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
                          f"{steps} equal steps; the paper uses {', '.join(map(str, proto.paper_steps))}")
     data_root = os.path.abspath(os.path.expanduser(str(data_root)))
     if proto.dataset == "CIFAR100":
-        from gift_fast.data.mtil import build_task
         # the class-incremental protocol keeps the deterministic transform for training images
         full = build_task("CIFAR100", data_root, image_size=image_size, mean=mean, std=std, download=download,
                           cache_dir=cache_dir, num_workers=num_workers, progress=progress, train_augment=False)
@@ -693,8 +690,6 @@ def build_cil(benchmark: str, steps: int, data_root: str, *, order: Union[str, S
 
 
 def _tiny_split(raw: dict, part: str, image_size, mean, std, cache_dir, num_workers, progress) -> Dataset:
-    from gift_fast.data.cache import CachedImageDataset, clip_eval_transform, files_fingerprint, labels_fingerprint
-    from gift_fast.data.mtil import TransformedDataset
     ds: ImageFiles = raw[part]
     if cache_dir is None:
         return TransformedDataset(ds, clip_eval_transform(image_size, mean, std))

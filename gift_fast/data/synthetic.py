@@ -303,14 +303,5 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
     return DistillSet(images, labels, prompts, source=str(root))
 
 
-def synthetic_fingerprint(root: str | os.PathLike, task_name: str) -> dict:
-    """sha256 of ``<root>/<task>_Syn``'s manifest.json and image_text.csv (what a resume compares)."""
-    # local: the fingerprint's home is the run folder's module (which may read this one); a data module does not
-    # depend on it at import
-    from gift_fast.run_folder import synthetic_fingerprint as fingerprint
-
-    return fingerprint(root, task_name)
-
-
 __all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "synthetic_folder", "check_folder_sequence",
-           "read_synthetic_rows", "SyntheticFolderMismatch", "synthetic_fingerprint"]
+           "read_synthetic_rows", "SyntheticFolderMismatch"]
