@@ -11,12 +11,12 @@ import json
 import multiprocessing as mp
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from gift_fast.builders import build_task_list, load_bundle, resolve_device  # noqa: F401  (builders of a run)
 from gift_fast.toy.pretrain import pretrained_toy_clip_path
 from gift_fast.distributed import current, main_first
 from gift_fast.method import METHOD_DEFAULTS, METHODS
@@ -101,7 +101,17 @@ def run_many(cfgs: Sequence[TrainConfig], jobs: int = 1, progress: bool = True, 
         bar = tqdm(total=len(todo), desc=f"runs ({jobs} at a time)", disable=not progress)
         for f in as_completed(futs):
             i = futs[f]
-            results[i] = f.result()
+            try:
+                results[i] = f.result()
+            except BrokenProcessPool:
+                # a worker died outright (SIGKILL, out of memory, a crash in native code): no Python error to show
+                bar.close()
+                finished = [str(cfgs[j].out) for j in todo if results[j] is not None]
+                raise ChildProcessError(
+                    f"a worker process died while running {len(todo)} runs {jobs} at a time (killed, out of memory, "
+                    f"or a crash in native code); finished runs are kept ({', '.join(finished) or 'none yet'}). "
+                    f"Rerun the same command with --resume to continue the others (each from its last checkpoint), "
+                    f"and --jobs 1 to run them in this process, where an error shows itself") from None
             bar.update(1)
             if progress:
                 bar.write(summary(cfgs[i], results[i]))
@@ -109,4 +119,4 @@ def run_many(cfgs: Sequence[TrainConfig], jobs: int = 1, progress: bool = True, 
     return results
 
 
-__all__ = ["plan_runs", "run_many", "summary_line", "resolve_device", "load_bundle", "build_task_list"]
+__all__ = ["plan_runs", "run_many", "summary_line"]
