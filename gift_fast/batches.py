@@ -125,12 +125,4 @@ def synthetic_indices(n: int, batch_size: int, steps: int, seed: int) -> torch.T
     return torch.cat(rows)[:need].view(steps, batch_size)
 
 
-def normalize_batch(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 images [B, 3, H, W] -> float32, scaled to [0, 1] and normalized with the model's mean and std."""
-    m = torch.tensor(mean, device=x_uint8.device, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x_uint8.device, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x_uint8.float() / 255.0 - m) / s
-
-
-__all__ = ["derived_seed", "STREAM_TASK", "STREAM_SYN", "STREAM_FISHER", "TaskBatches", "synthetic_indices",
-           "normalize_batch"]
+__all__ = ["derived_seed", "STREAM_TASK", "STREAM_SYN", "STREAM_FISHER", "TaskBatches", "synthetic_indices"]

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -79,6 +80,21 @@ def read_json(path: str | Path) -> Optional[dict]:
         return obj if isinstance(obj, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def check_free_space(folder: str | Path, need_bytes: int, what: str, fix: str, margin: float = 1.05) -> None:
+    """Refuse to start writing ``need_bytes`` (with a 5% margin) under ``folder`` (or its nearest existing parent)
+    when the disk cannot hold them: an OSError that says how much is needed, how much is free and ``fix``."""
+    if need_bytes <= 0:
+        return
+    probe = os.path.abspath(os.path.expanduser(str(folder)))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes * margin:
+        gb = 2 ** 30
+        raise OSError(errno.ENOSPC, f"not enough disk space for {what}: it needs {need_bytes / gb:.1f} GB in {folder}, "
+                                    f"but only {free / gb:.1f} GB are free: free some space or {fix}")
 
 
 def append_text_line(path: str | Path, line: str) -> None:

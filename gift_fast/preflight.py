@@ -13,7 +13,6 @@ a few seconds at most, and none when ``HF_HUB_OFFLINE`` is set); tests patch it.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -24,6 +23,7 @@ from gift_fast.data.mtil import check_task_data
 from gift_fast.toy.tasks import TOY_TASKS
 from gift_fast.toy.clip import is_tiny
 from gift_fast.errors import ModelUnavailable
+from gift_fast.files import check_free_space
 from gift_fast.synth.generators import DEFAULT_MODEL
 
 GB = 2 ** 30
@@ -116,19 +116,6 @@ def check_clip_weights(model: str, pretrained: Optional[str], option: str = "--p
     raise ModelUnavailable(f"CLIP weights {model} / {pretrained} are not on this machine and cannot be downloaded "
                            f"({why}): download them where there is network and pass the file with {option} "
                            f"/path/to/{model}.pt")
-
-
-def check_free_space(folder: str, need_bytes: int, what: str, fix: str, margin: float = 1.05) -> None:
-    """Refuse to start when ``folder`` (or its nearest existing parent) cannot hold ``need_bytes``."""
-    if need_bytes <= 0:
-        return
-    probe = os.path.abspath(os.path.expanduser(str(folder)))
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
-    if free < need_bytes * margin:
-        raise OSError(f"not enough disk space for {what}: it needs about {need_bytes / GB:.1f} GB under {folder}, "
-                      f"{free / GB:.1f} GB are free: free some space or {fix}")
 
 
 def check_mtil_data(names: Sequence[str], data_root: str) -> List[dict]:

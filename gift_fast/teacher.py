@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from gift_fast.batches import normalize_batch
+from gift_fast.data.cache import normalize_uint8
 from gift_fast.method import parse_teacher
 from gift_fast.precision import Precision, autocast
 from gift_fast.text import encode_text
@@ -38,7 +38,7 @@ def embed_distill_set(model, distill_set, tokens: torch.Tensor, *, mean, std, de
     try:
         imgs, txts = [], []
         for a in range(0, len(distill_set), batch_size):
-            x = normalize_batch(distill_set.images[a:a + batch_size].to(device), mean, std)
+            x = normalize_uint8(distill_set.images[a:a + batch_size].to(device), mean, std)
             with autocast(device, bf16):
                 imgs.append(model.encode_image(x).float())
         for a in range(0, tokens.shape[0], batch_size):

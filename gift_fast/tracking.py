@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from gift_fast.batches import normalize_batch
+from gift_fast.data.cache import normalize_uint8
 from gift_fast.distributed import all_reduce_sum, all_reduce_tensors_
 from gift_fast.evaluate import iter_eval_batches, zero_shot_classifier
 from gift_fast.files import append_text_line, atomic_write_text
@@ -300,7 +300,7 @@ class RunHooks:
         tr = self.trainer
         i = syn["idx"][k]
         kk = syn["labels"][i]
-        x = normalize_batch(syn["images"][i], tr.bundle.mean, tr.bundle.std)
+        x = normalize_uint8(syn["images"][i], tr.bundle.mean, tr.bundle.std)
         with tr.precision.autocast():
             img = tr.model.encode_image(x)
             txt = encode_text(tr.model, syn["tokens"][kk])

@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 
 from gift_fast import run_folder as rf
 from gift_fast.awc import AdaptiveWeightConsolidation
-from gift_fast.batches import (STREAM_FISHER, STREAM_SYN, STREAM_TASK, TaskBatches, derived_seed, normalize_batch,
-                               synthetic_indices)
+from gift_fast.batches import STREAM_FISHER, STREAM_SYN, STREAM_TASK, TaskBatches, derived_seed, synthetic_indices
 from gift_fast.checkpoints import load_weights
+from gift_fast.data.cache import normalize_uint8
 from gift_fast.builders import build_task_list, load_bundle, resolve_device
 from gift_fast.distributed import DistContext, all_reduce_tensors_, current, main_first
 from gift_fast.evaluate import evaluate_tasks
@@ -220,7 +220,7 @@ class ContinualTrainer:
                     kk = syn["labels"][i]
                     il = i[syn_rows]                  # this process's rows (the loss gathers the rest)
                     out = step(images, labels, class_tokens,
-                               normalize_batch(syn["images"][il], self.bundle.mean, self.bundle.std),
+                               normalize_uint8(syn["images"][il], self.bundle.mean, self.bundle.std),
                                syn["tokens"][kk[syn_rows]], kk, syn["t_img"][i], syn["t_txt"][kk])
                 else:
                     out = step(images, labels, class_tokens)
@@ -274,7 +274,7 @@ class ContinualTrainer:
         rows = self.dist.rows(self.cfg.syn_batch_size)
         for i in idx_all:
             kk = syn["labels"][i]
-            step.fisher_batch(normalize_batch(syn["images"][i[rows]], self.bundle.mean, self.bundle.std),
+            step.fisher_batch(normalize_uint8(syn["images"][i[rows]], self.bundle.mean, self.bundle.std),
                               syn["tokens"][kk[rows]], kk, syn["t_img"][i], syn["t_txt"][kk])
 
     def _check_finite_weights(self, t: int, k: int) -> None:

@@ -11,7 +11,8 @@ from gift_fast.data.synthetic import load_synthetic_set
 from gift_fast.checkpoints import read_state_dict, save_model
 from gift_fast.models import create_clip
 from toy_runs import init_checkpoint, toy_run_config
-from gift_fast.batches import derived_seed as _derived_seed, normalize_batch, STREAM_SYN, STREAM_TASK
+from gift_fast.batches import derived_seed as _derived_seed, STREAM_SYN, STREAM_TASK
+from gift_fast.data.cache import normalize_uint8
 from gift_fast.teacher import embed_distill_set
 from gift_fast.train import ContinualTrainer, resolve_method
 
@@ -95,7 +96,7 @@ def test_gift_steps_match_a_hand_written_step(tmp_path, init_ckpt):
     bundle = create_clip("toy-vit-test", init_ckpt)
     model, teacher = bundle.model, copy.deepcopy(bundle.model)
     dset = load_synthetic_set(tmp_path / "run" / "synthetic", "ToyShapes", image_size=32, progress=False)
-    syn = dict(x_all=normalize_batch(dset.images, bundle.mean, bundle.std), labels=dset.labels, prompts=dset.prompts,
+    syn = dict(x_all=normalize_uint8(dset.images, bundle.mean, bundle.std), labels=dset.labels, prompts=dset.prompts,
                tokenizer=bundle.tokenizer)
     _hand_steps(model, teacher, trainer.tasks[0], syn, cfg, steps=2)
     moved = sum(int(not torch.equal(w, teacher.state_dict()[n])) for n, w in model.state_dict().items())

@@ -15,6 +15,7 @@ from gift_fast.checkpoints import read_state_dict
 from gift_fast.models import create_clip
 from toy_runs import init_checkpoint, toy_run_config
 from gift_fast.batches import derived_seed as _derived_seed, STREAM_FISHER
+from gift_fast.data.cache import normalize_uint8
 from gift_fast.schedule import cosine_lr_lambda
 from gift_fast.train import ContinualTrainer
 
@@ -166,8 +167,7 @@ def test_ewc_v_fisher_of_the_second_task_is_its_own(tmp_path, init_ckpt):
     """Task 2's static Fisher = the mean of g^2 / mean(g^2) over its fisher_batches synthetic batches,
     at the weights after task 1: nothing of task 1's estimate."""
     from gift_fast.data.synthetic import load_synthetic_set
-    from gift_fast.batches import normalize_batch
-
+    
     cfg = cfg_for(tmp_path, init_ckpt, method="ewc-v", fisher_batches=2, steps=2)
     trainer = ContinualTrainer(cfg)
     trainer.run()
@@ -175,7 +175,7 @@ def test_ewc_v_fisher_of_the_second_task_is_its_own(tmp_path, init_ckpt):
     bundle = create_clip("toy-vit-test", str(trainer.checkpoint_path(0)))      # the weights after task 1
     model, tok = bundle.model, bundle.tokenizer
     dset = load_synthetic_set(tmp_path / "run" / "synthetic", "ToyColours", image_size=32, progress=False)
-    x_all = normalize_batch(dset.images, bundle.mean, bundle.std)
+    x_all = normalize_uint8(dset.images, bundle.mean, bundle.std)
     tokens = tok(dset.prompts)
     with torch.no_grad():                                           # the "last" teacher: the same weights
         t_img, t_txt = model.encode_image(x_all), model.encode_text(tokens)

@@ -67,7 +67,6 @@ import json
 import math
 import os
 import queue
-import shutil
 import tempfile
 import threading
 import time
@@ -80,7 +79,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from gift_fast.files import atomic_write_bytes, atomic_write_text
+from gift_fast.files import atomic_write_bytes, atomic_write_text, check_free_space
 
 # 2: the "train-crop" layout and its geometry file (caches of version 1 are not read: rebuilt, with a warning)
 CACHE_FORMAT_VERSION = 2
@@ -330,17 +329,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def check_free_space(folder: str, need_bytes: int, what: str, margin: float = 1.05) -> None:
-    """Refuse to start a cache file that cannot fit: writes through a memory map into a full disk
-    kill the process with SIGBUS (no Python error, nothing saved), so check before writing."""
-    free = shutil.disk_usage(folder).free
-    if free < need_bytes * margin:
-        gb = lambda b: f"{b / 2 ** 30:.1f} GB"  # noqa: E731
-        raise OSError(f"{what} needs {gb(need_bytes)} in {folder}, but only {gb(free)} are free: free some space, "
-                      f"put the cache on a larger disk (--data-cache DIR / --cache-dir DIR), or decode every time "
-                      f"(--data-cache none)")
-
-
 class CachedImageDataset(Dataset):
     """A data set's CLIP-preprocessed pixels, decoded once into a uint8 memory map.
 
@@ -495,7 +483,11 @@ class CachedImageDataset(Dataset):
             raise ValueError(f"cannot cache {self.name}: the source data set is empty")
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1) if n > 256 else 0
-        check_free_space(self.cache_dir, n * 3 * s * L + 56 * n, what=f"caching {self.name} ({n} images at {s}px)")
+        # writes through a memory map into a full disk kill the process with SIGBUS (no Python error, nothing
+        # saved): check before writing
+        check_free_space(self.cache_dir, n * 3 * s * L + 56 * n, what=f"caching {self.name} ({n} images at {s}px)",
+                         fix="put the cache on a larger disk (--data-cache DIR / --cache-dir DIR), or decode every "
+                             "time (--data-cache none)")
         # The images go to a memory-mapped .npy of their own tmp name (the finished file is this one, renamed); the
         # small files after them go through files.atomic_write_*, the metadata last: its presence marks a finished
         # cache, so a build killed at any point leaves none (``_validate`` says "absent" or what is wrong).

@@ -355,7 +355,7 @@ def base_classnames(downstream: Sequence[str], n: int = 100, seed: int = DEFAULT
     remain for CIFAR100, far more than the 100 needed. Of the rest, the first ``n`` of
     ``numpy.random.default_rng(seed).permutation`` are taken and returned in pool (label) order."""
     if pool is None:
-        pool = _imagenet_classnames()
+        pool = imagenet_classnames()
         if descriptions is None:
             descriptions = imagenet_descriptions()
     pool = list(pool)
@@ -375,10 +375,6 @@ def base_classnames(downstream: Sequence[str], n: int = 100, seed: int = DEFAULT
                          f"{n} were asked for")
     perm = np.random.default_rng(int(seed)).permutation(len(eligible))[:n]
     return [pool[eligible[i]] for i in sorted(perm)]
-
-
-def _imagenet_classnames() -> List[str]:
-    return imagenet_classnames()
 
 
 @functools.lru_cache(maxsize=1)
@@ -447,7 +443,7 @@ def tiny_imagenet_classnames(wnids: Sequence[str], words_file: Optional[str] = N
     """Prompt names of TinyImageNet's ``wnids``: CLIP's cleaned ImageNet name where the wnid is an
     ImageNet-1k class, else the first name of its words.txt line (cleaned)."""
     index = {w: i for i, w in enumerate(imagenet_wnids())}
-    names_in = _imagenet_classnames()
+    names_in = imagenet_classnames()
     words: Dict[str, str] = {}
     if words_file is not None and os.path.exists(words_file):
         with open(words_file, encoding="utf-8") as f:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from gift_fast.config import MTIL_TASKS, task_lr, task_order
 from gift_fast.data import mtil_metadata
+from gift_fast.data.mtil_metadata import imagenet_classnames  # noqa: F401  (public here too: the MTIL names API)
 from gift_fast.data.base import TaskSpec
 from gift_fast.data.cache import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, CachedImageDataset, clip_eval_transform,
                                   clip_train_transform, files_fingerprint, labels_fingerprint)
@@ -63,12 +64,6 @@ def templates(task: str) -> List[str]:
     """CLIP's zero-shot templates of ``task`` as "{}" format strings (a new list); the first is the
     one a single-prompt classifier uses."""
     return list(mtil_metadata.TEMPLATES[_check_task(task)])
-
-
-def imagenet_classnames() -> List[str]:
-    """CLIP's 1,000 cleaned ImageNet class names (the synthetic-data class pool; equal to
-    open_clip's IMAGENET_CLASSNAMES, without importing open_clip)."""
-    return list(mtil_metadata.IMAGENET_CLASSNAMES)
 
 
 def imagenet_templates() -> List[str]:

@@ -1363,6 +1363,13 @@ def _imagenet_templates() -> List[str]:
     return [f("{}") for f in _open_clip_zero_shot_metadata()["OPENAI_IMAGENET_TEMPLATES"]]
 
 
+def imagenet_classnames() -> List[str]:
+    """The 1,000 ImageNet class names as CLIP cleaned them (open_clip's IMAGENET_CLASSNAMES, identical to the
+    authors'): the synthetic class pool's base and the CIL benchmarks' name source. A fresh list."""
+    cached = globals().get("IMAGENET_CLASSNAMES")          # the lazy attribute (module __getattr__ below)
+    return list(cached if cached is not None else __getattr__("IMAGENET_CLASSNAMES"))
+
+
 _LAZY = {"IMAGENET_CLASSNAMES": _imagenet_classnames, "IMAGENET_TEMPLATES": _imagenet_templates}
 
 

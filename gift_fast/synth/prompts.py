@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from gift_fast.data import mtil_metadata   # a data module: no torch import
+from gift_fast.data.mtil_metadata import imagenet_classnames   # a data module: no torch import
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # How the authors template ImageNet names in the pool (their ``ImageNet.template``; not the
@@ -93,11 +93,6 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
-
-
-def imagenet_classnames() -> List[str]:
-    """The 1,000 ImageNet class names as CLIP cleaned them (open_clip's, identical to the authors')."""
-    return list(mtil_metadata.IMAGENET_CLASSNAMES)
 
 
 def imagenet_pool_source() -> PoolSource:

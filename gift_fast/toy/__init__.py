@@ -28,7 +28,7 @@ from gift_fast.toy.tasks import DEFAULT_TOY_ORDER, TOY_TASKS, ToyTaskDef, toy_ta
 from gift_fast.toy.world import (ATTRIBUTE_VALUES, ATTRIBUTES, BASE_CLASSNAMES, CAPTION_PARTS, COLOURS, DIGITS,
                                  FILLER_WORDS, IMAGE_SIZE, MEAN, OBJECT_PHASE_PARTS, OBJECTS, POSITION_JITTER,
                                  SHAPES, STD, TEMPLATES, TEXTURES, WORLD_VERSION, Scene, ToyTokenizer,
-                                 digit_glyph_indices, normalize_uint8, parse_prompt, pretraining_scenes,
+                                 digit_glyph_indices, normalize_toy_images, parse_prompt, pretraining_scenes,
                                  random_scene, render)
 
 __all__ = ["TINY_MODEL_CONFIGS", "build_tiny_clip", "is_tiny", "toy_clip_tokenizer", "ToyGenerator",
@@ -36,5 +36,5 @@ __all__ = ["TINY_MODEL_CONFIGS", "build_tiny_clip", "is_tiny", "toy_clip_tokeniz
            "DEFAULT_TOY_ORDER", "TOY_TASKS", "ToyTaskDef", "toy_task", "toy_tasks", "ATTRIBUTE_VALUES", "ATTRIBUTES",
            "BASE_CLASSNAMES", "CAPTION_PARTS", "COLOURS", "DIGITS", "FILLER_WORDS", "IMAGE_SIZE", "MEAN",
            "OBJECT_PHASE_PARTS", "OBJECTS", "POSITION_JITTER", "SHAPES", "STD", "TEMPLATES", "TEXTURES",
-           "WORLD_VERSION", "Scene", "ToyTokenizer", "digit_glyph_indices", "normalize_uint8", "parse_prompt",
+           "WORLD_VERSION", "Scene", "ToyTokenizer", "digit_glyph_indices", "normalize_toy_images", "parse_prompt",
            "pretraining_scenes", "random_scene", "render"]

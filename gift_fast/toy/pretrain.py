@@ -29,7 +29,7 @@ from gift_fast.checkpoints import save_model
 from gift_fast.schedule import warmup_times_cosine_lr
 from gift_fast.toy.clip import TINY_MODEL_CONFIGS, build_tiny_clip, toy_clip_tokenizer
 from gift_fast.toy.world import (ATTRIBUTE_VALUES, ATTRIBUTES, CAPTION_PARTS, OBJECT_PHASE_PARTS, TEMPLATES,
-                                 WORLD_VERSION, Scene, normalize_uint8, pretraining_scenes)
+                                 WORLD_VERSION, Scene, normalize_toy_images, pretraining_scenes)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def _pretrain(cfg: ToyPretrainConfig, progress: bool) -> torch.nn.Module:
     model.logit_scale.requires_grad_(cfg.learn_logit_scale)
     tok = toy_clip_tokenizer(cfg.model_name)
     images, scenes = pretraining_scenes(cfg.images, cfg.seed)
-    x_all = normalize_uint8(images)
+    x_all = normalize_toy_images(images)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Its own rule, not gift_fast.schedule.cosine_lr_lambda: see warmup_times_cosine_lr (the cached weights
     # were trained with it and the cache key does not record the schedule).

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 from gift_fast.data.base import TaskSpec
 from gift_fast.toy.world import (COLOURS, DIGITS, IMAGE_SIZE, OBJECTS, SHAPES, TEMPLATES, TEXTURES, _to_chw,
-                                 normalize_uint8, random_scene, render)
+                                 normalize_toy_images, random_scene, render)
 
 @dataclass(frozen=True)
 class ToyTaskDef:
@@ -46,7 +46,7 @@ def _task_images(td: ToyTaskDef, n: int, rng: np.random.Generator) -> Tuple[torc
         fixed = {td.attribute: td.classnames[k]}
         scene = random_scene(rng, objects=td.objects, **fixed)
         images.append(render(scene, rng, glyph_part="task"))
-    return normalize_uint8(_to_chw(np.stack(images))), torch.from_numpy(labels.astype(np.int64))
+    return normalize_toy_images(_to_chw(np.stack(images))), torch.from_numpy(labels.astype(np.int64))
 
 
 def toy_task(name: str, *, train_size: int = 1000, test_size: int = 300, seed: int = 0, lr: float = 1e-3) -> TaskSpec:

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from gift_fast.data.cache import normalize_uint8
+
 WORLD_VERSION = 1   # bump when rendering or captions change: it keys the cached tiny CLIP
 
 IMAGE_SIZE = 32
@@ -242,11 +244,10 @@ def _to_chw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
-def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> the float input of the tiny CLIP (mean = std = 0.5)."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+def normalize_toy_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> the float input of the tiny CLIP (mean = std = 0.5), the one normalization rule
+    (gift_fast.data.cache.normalize_uint8) with the toy world's statistics."""
+    return normalize_uint8(images, MEAN, STD)
 
 
 def random_scene(rng: np.random.Generator, objects: Sequence[str] = OBJECTS, colour: Optional[str] = None,
