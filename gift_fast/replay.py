@@ -25,8 +25,8 @@ from gift_fast.toy.world import BASE_CLASSNAMES
 from gift_fast.distributed import SINGLE, DistContext
 from gift_fast.method import MethodSpec
 from gift_fast import preflight
-from gift_fast.run_folder import (claim_synthetic_folder, compare_synthetic, discard_synthetic_folder,
-                                  synthetic_fingerprint)
+from gift_fast.run_folder import (REFERENCE_KEY, claim_synthetic_folder, compare_reference, compare_synthetic,
+                                  discard_synthetic_folder, reference_fingerprint, synthetic_fingerprint)
 from gift_fast.synth.engine import sequence_sources, synthesize_task
 from gift_fast.synth.generators import StableDiffusionGenerator
 from gift_fast.synth.prompts import imagenet_classnames, sequence_prompts
@@ -98,6 +98,11 @@ class SyntheticReplay:
     def fingerprints(self, recorded: Optional[Dict[str, Any]], state_path: Path) -> Optional[Dict[str, Any]]:
         """Fingerprints of the synthetic folders the run reads (None when it reads none), compared with those
         ``recorded`` in the run's state (a resume refuses changed data)."""
+        if self.method.needs_synthetic and self.cfg.reference_images:
+            record = {REFERENCE_KEY: reference_fingerprint(self.cfg.reference_images)}
+            if recorded is not None:       # (runs started before this record existed have none: not compared)
+                compare_reference(recorded, record, self.cfg.reference_images, state_path)
+            return record
         if not self.reads_folder:
             return None
         record = {t.name: synthetic_fingerprint(self.cfg.synth, t.name) for t in self.tasks}

@@ -30,6 +30,7 @@ Errors are ``RunFolderError`` (a ``ValueError``), each naming the file and the f
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import fcntl
 import io
@@ -333,6 +334,37 @@ def synthetic_fingerprint(root: str | os.PathLike, task_name: str) -> Dict[str, 
             for name in ("manifest.json", "image_text.csv")}
 
 
+REFERENCE_KEY = "--reference-images"     # its entry in state.json's synthetic_fingerprints
+
+
+def reference_fingerprint(root: str | os.PathLike) -> Dict[str, str]:
+    """What ``--reference-images`` reads, fingerprinted: the sha256 of its ``image_text.csv`` and of the listed
+    images' names and sizes, or of the ``<class>/<image>`` names and sizes (an added, removed, renamed or resized
+    image changes it; a file rewritten to the same size does not: sizes, not contents, keep a resume cheap)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    csv_path = root / "image_text.csv"
+    if csv_path.is_file():
+        h.update(sha256_file(csv_path).encode())
+        with open(csv_path, newline="") as fh:
+            files = sorted({row.get("image", "") for row in csv.DictReader(fh)})
+        names = [(name, root / name) for name in files]
+    else:
+        names = [(f"{d.name}/{f.name}", f) for d in sorted(x for x in root.iterdir() if x.is_dir())
+                 for f in sorted(d.iterdir()) if f.is_file()]
+    for name, path in names:
+        h.update(f"{name}\t{path.stat().st_size if path.is_file() else -1}\n".encode())
+    return {"images": h.hexdigest()}
+
+
+def compare_reference(recorded: Dict[str, Any], now: Dict[str, Any], root: str, state_path: Path) -> None:
+    """Refuse a resume whose reference images differ from those the run started with."""
+    if recorded != now:
+        raise RunFolderError(f"cannot resume: the reference images under {root} changed since the run started (their "
+                             f"listing differs from what {state_path} recorded). Restore the folder the run started "
+                             f"with, or start a new run (another --out)")
+
+
 def compare_synthetic(recorded: Dict[str, Dict[str, Optional[str]]], now: Dict[str, Dict[str, Optional[str]]],
                       root: str, state_path: Path) -> None:
     """Refuse a resume whose synthetic folders differ from those the run started with, naming what changed."""
@@ -600,7 +632,8 @@ def run_metrics(state: Dict[str, Any], task_names: Sequence[str], label: str) ->
 __all__ = ["RunFolderError", "MARKER", "LOCK", "SYNTHETIC_MARKER", "sha256_file", "verify_checksum", "inside",
            "is_run_folder", "check_new_folder", "mark", "remove_own_files", "restartable", "clear_for_restart",
            "RunLock", "read_state", "verify_task_checkpoints", "read_in_task_pointer", "in_task_stem",
-           "check_in_task_files", "synthetic_fingerprint", "compare_synthetic", "claim_synthetic_folder",
+           "check_in_task_files", "synthetic_fingerprint", "compare_synthetic", "REFERENCE_KEY", "reference_fingerprint",
+           "compare_reference", "claim_synthetic_folder",
            "discard_synthetic_folder", "verify_if_run_checkpoint", "finite_check", "Claim", "claim",
            "check_resumable", "task_checkpoint_path", "write_state", "save_task_checkpoint", "save_in_task",
            "load_in_task", "clear_in_task", "trim_log", "write_acc_csv", "run_metrics"]

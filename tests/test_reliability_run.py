@@ -358,6 +358,25 @@ def test_resume_refuses_a_changed_synthetic_folder(tmp_path):
         train_here(dataclasses.replace(cfg, resume=True))
 
 
+def test_resume_refuses_changed_reference_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ref = tmp_path / "ref"
+    for c, cls in enumerate(("red_circle", "blue_square")):
+        (ref / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((32, 32, 3), 40 * c + i, np.uint8)).save(ref / cls / f"{i}.png")
+    run = tmp_path / "run"
+    cfg = tiny(run, tasks=TASKS[:1], steps=2, reference_images=str(ref), images_per_task=8, checkpoint_every=0)
+    train_here(cfg)
+    assert "--reference-images" in json.loads((run / "state.json").read_text())["synthetic_fingerprints"]
+    train_here(dataclasses.replace(cfg, resume=True))          # unchanged: the finished run resumes (nothing to do)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(ref / "red_circle" / "3.png")   # another image, same name
+    with pytest.raises(ValueError, match=r"reference images under .*ref changed since the run started"):
+        train_here(dataclasses.replace(cfg, resume=True))
+
+
 def test_resume_refuses_changed_mtil_data(tmp_path):
     from fake_datasets import make_fake_mtil_root, relaxed_md5_checks
     from gift_fast.train import TrainConfig
