@@ -95,6 +95,10 @@ def _seeds(value):
 @click.option("--generator", type=click.Choice(["sd", "toy"]), default=None, help="On-the-fly generator.")
 @sd_options("Denoising steps of on-the-fly synthesis (default 50, the paper's; below 50: DPM-Solver multistep).")
 @click.option("--synth-seed", type=int, default=None, help="Seed of prompts and images (default: --seeds).")
+@click.option("--seed-scheme", "synth_seed_scheme", type=click.Choice(["hash", "authors"]), default=None,
+              help="On-the-fly synthesis: hash (default; per-image hashed prompt draws and seeds) or authors (their "
+                   "txt2img.py: random.Random(seed) prompt draws, image j of task t seeded j + 100000*(t-1) + "
+                   "10**7*seed), as `gift-fast synth --seed-scheme`.")
 @click.option("--keep-synth", is_flag=True, default=None, help="Keep on-the-fly images in <out>/synthetic.")
 # optimisation
 @click.option("--steps", type=int, default=None, help="Iterations per task (default 1000).")

@@ -156,7 +156,8 @@ class SyntheticReplay:
                                           for x in self.tasks], base_classnames=self.base_classnames())
         if cfg.synth == "on-the-fly":
             gen = self.generator()
-            prompts = sequence_prompts(base, sources, cfg.images_per_task, seed=self.seed)[t]
+            prompts = sequence_prompts(base, sources, cfg.images_per_task, seed=self.seed,
+                                       scheme=cfg.synth_seed_scheme)[t]
             root = self.out / "synthetic"
             if self.dist.is_main:          # writes (and later deletes) only a folder it created and marked
                 claim_synthetic_folder(root / f"{task.name}_Syn")
@@ -165,7 +166,8 @@ class SyntheticReplay:
             # each process generates its share (the engine's rank sharding); rank 0 writes the index
             synthesize_task(gen, task.name, prompts, root, seed=self.seed, task_index=t,
                             batch_size=self.synth_batch_size(), progress=self.progress, image_format=fmt,
-                            overwrite=True, rank=self.dist.rank, world_size=self.dist.world_size)
+                            overwrite=True, rank=self.dist.rank, world_size=self.dist.world_size,
+                            seed_scheme=cfg.synth_seed_scheme)
             self.dist.barrier()          # the index is complete before anyone reads it
             return load_synthetic_set(root, task.name, image_size=self.image_size, progress=self.progress)
         return load_synthetic_set(cfg.synth, task.name, image_size=self.image_size, limit=cfg.images_per_task,

@@ -88,6 +88,7 @@ class TrainConfig:
     sd_sdpa_backend: Optional[str] = None
     sd_safety_checker: bool = True
     synth_seed: Optional[int] = None   # default: seed
+    synth_seed_scheme: str = "hash"    # on-the-fly: hash | authors (their txt2img.py's prompt draws and image seeds)
     keep_synth: bool = False
     # optimisation (docs/METHOD.md, "The MTIL protocol")
     steps: int = 1000
@@ -193,7 +194,7 @@ RESUME_FREE = frozenset({
     "sd_channels_last", "sd_fused_qkv", "sd_attention", "sd_sdpa_backend", "force"})
 # Fields added after runs were written, with the value those runs used: left out of the identity at that
 # value, so a run folder written before resumes (its identity has no such key).
-_ADDED_WITH = {"sd_safety_checker": True}
+_ADDED_WITH = {"sd_safety_checker": True, "synth_seed_scheme": "hash"}
 
 
 def identity_of(cfg: TrainConfig) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import re
 from typing import Any, Iterable, Optional, Tuple
 
 from gift_fast.backends import BACKENDS
+from gift_fast.synth.prompts import SEED_SCHEMES
 from gift_fast.config import task_order
 from gift_fast.toy.tasks import TOY_TASKS
 from gift_fast.toy.clip import is_tiny, TINY_MODEL_CONFIGS
@@ -136,6 +137,12 @@ def check_train_config(cfg, world_size: int = 1) -> None:
     check_int("toy_test_size", cfg.toy_test_size, low=1)
     check_int("--seeds", cfg.seed)
     check_int("--synth-seed", cfg.synth_seed)
+    scheme = getattr(cfg, "synth_seed_scheme", "hash")
+    if scheme not in SEED_SCHEMES:
+        raise OptionError(f"--seed-scheme must be {' or '.join(SEED_SCHEMES)}, got {scheme!r}")
+    if scheme != "hash" and cfg.synth != "on-the-fly":
+        raise OptionError(f"--seed-scheme {scheme} sets the prompts and seeds of on-the-fly synthesis (--synth on-the-fly); "
+                          f"a synthetic folder got its scheme when it was generated (gift-fast synth --seed-scheme)")
     check_order(cfg.order)
     check_device("--device", cfg.device)
     if cfg.keep_checkpoints not in ("all", "last"):

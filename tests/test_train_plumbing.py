@@ -102,6 +102,36 @@ def test_on_the_fly_prompts_are_the_engines_and_leave_out_the_task_being_learned
     assert all(words(p) & set(COLOURS) for p in fly[0])
 
 
+def test_on_the_fly_synthesis_follows_the_authors_seed_scheme_when_asked(tmp_path, init_ckpt):
+    import json
+
+    from gift_fast.synth.engine import synthesize_sequence
+    from gift_fast.toy import BASE_CLASSNAMES, ToyGenerator
+    from gift_fast.validation import OptionError, check_train_config
+
+    n = 40
+    cfg = cfg_for(tmp_path, init_ckpt, tasks=["ToyShapes", "ToyTextures"], images_per_task=n, synth_seed=5,
+                  synth_seed_scheme="authors")
+    trainer = ContinualTrainer(cfg)
+    for t in range(2):
+        trainer.distill_set(t)
+    run_syn = tmp_path / "run" / "synthetic"
+    synthesize_sequence(ToyGenerator(), [(task.name, task.classnames) for task in trainer.tasks], tmp_path / "engine",
+                        images_per_task=n, seed=5, base_classnames=list(BASE_CLASSNAMES), image_format="png",
+                        progress=False, seed_scheme="authors")
+    for name in cfg.tasks:
+        assert _csv_texts(run_syn / f"{name}_Syn") == _csv_texts(tmp_path / "engine" / f"{name}_Syn")
+        manifest = json.loads((run_syn / f"{name}_Syn" / "manifest.json").read_text())
+        assert manifest["seed_scheme"] == "authors"
+        # the same image seeds as `gift-fast synth --seed-scheme authors`: the same pixels
+        assert (run_syn / f"{name}_Syn" / "7.png").read_bytes() == (tmp_path / "engine" / f"{name}_Syn" / "7.png").read_bytes()
+    hashed = ContinualTrainer(dataclasses.replace(cfg, out=str(tmp_path / "hashed"), synth_seed_scheme="hash"))
+    hashed.distill_set(0)
+    assert _csv_texts(tmp_path / "hashed" / "synthetic" / "ToyShapes_Syn") != _csv_texts(run_syn / "ToyShapes_Syn")
+    with pytest.raises(OptionError, match="--seed-scheme authors sets the prompts and seeds of on-the-fly"):
+        check_train_config(dataclasses.replace(cfg, synth=str(tmp_path / "engine")))
+
+
 # ----------------------------------------------------------------------------- CPU RNG across an in-task resume
 class _Stop(Exception):
     pass
