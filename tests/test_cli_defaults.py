@@ -322,3 +322,28 @@ def test_cli_distill_choices_are_the_one_list_spelled_with_hyphens():
 
     assert sorted(_distill(c) for c in DISTILL_CHOICES) == sorted(DISTILL_MODES)
     assert len(set(DISTILL_CHOICES)) == len(DISTILL_CHOICES)
+
+
+def test_cli_choices_are_the_librarys_lists():
+    """The CLI spells some lists out (importing their modules would load torch at `--help`); each must be the
+    library's one list, so a value added in one place cannot be missing in the other."""
+    import click
+
+    from gift_fast.backends import BACKENDS
+    from gift_fast.cil_trainer import CIL_BENCHMARKS
+    from gift_fast.cli.synth import synth as synth_cmd
+    from gift_fast.cli.train import train as train_cmd
+    from gift_fast.method import CONSOLIDATIONS
+    from gift_fast.run_config import PRESETS
+    from gift_fast.synth.prompts import SEED_SCHEMES
+
+    def choices(cmd, flag):
+        opt = next(p for p in cmd.params if flag in p.opts)
+        assert isinstance(opt.type, click.Choice), flag
+        return sorted(opt.type.choices)
+
+    assert choices(train_cmd, "--consolidation") == sorted(CONSOLIDATIONS)
+    assert choices(train_cmd, "--kernels") == sorted(BACKENDS)
+    assert choices(train_cmd, "--seed-scheme") == choices(synth_cmd, "--seed-scheme") == sorted(SEED_SCHEMES)
+    assert choices(train_cmd, "--preset") == sorted(PRESETS)
+    assert choices(train_cmd, "--benchmark") == sorted(("mtil",) + tuple(CIL_BENCHMARKS))
