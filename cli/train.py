@@ -73,7 +73,8 @@ def _seeds(value):
 @click.option("--awc/--no-awc", default=None, help="Adaptive weight consolidation on or off (off: none).")
 @click.option("--consolidation", type=click.Choice(["none", "uniform", "adaptive", "static"]), default=None,
               help="Weight consolidation explicitly: uniform = the L2 baseline, static = EWC-V.")
-@click.option("--distill", type=click.Choice(DISTILL_CHOICES), default=None, help="Distillation loss (Tab. 4a). Default contrastive.")
+@click.option("--distill", type=click.Choice(DISTILL_CHOICES), default=None,
+              help="Distillation loss (Tab. 4a). Default contrastive.")
 @click.option("--teacher", default=None, help="last | initial | wise:ALPHA (teacher = ALPHA * initial + "
               "(1 - ALPHA) * last). Default last.")
 @click.option("--cd-weight", type=float, default=None, help="lambda_cd (default 1).")

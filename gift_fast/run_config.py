@@ -441,4 +441,5 @@ def authors_key_table() -> List[Tuple[str, str]]:
 
 
 __all__ = ["TrainConfig", "identity_of", "identity_differences", "upgrade_fields", "RENAMED_FIELDS",
-           "RESUME_FREE", "SD_FIELDS", "PRESETS", "PRESET_RUNS", "preset_config", "load_config_file", "from_authors_config", "AUTHORS_KEYS", "AUTHORS_UNSUPPORTED", "authors_key_table"]
+           "RESUME_FREE", "SD_FIELDS", "PRESETS", "PRESET_RUNS", "preset_config", "load_config_file",
+           "from_authors_config", "AUTHORS_KEYS", "AUTHORS_UNSUPPORTED", "authors_key_table"]

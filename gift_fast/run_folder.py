@@ -632,8 +632,8 @@ def run_metrics(state: Dict[str, Any], task_names: Sequence[str], label: str) ->
 __all__ = ["RunFolderError", "MARKER", "LOCK", "SYNTHETIC_MARKER", "sha256_file", "verify_checksum", "inside",
            "is_run_folder", "check_new_folder", "mark", "remove_own_files", "restartable", "clear_for_restart",
            "RunLock", "read_state", "verify_task_checkpoints", "read_in_task_pointer", "in_task_stem",
-           "check_in_task_files", "synthetic_fingerprint", "compare_synthetic", "REFERENCE_KEY", "reference_fingerprint",
-           "compare_reference", "claim_synthetic_folder",
+           "check_in_task_files", "synthetic_fingerprint", "compare_synthetic", "REFERENCE_KEY",
+           "reference_fingerprint", "compare_reference", "claim_synthetic_folder",
            "discard_synthetic_folder", "verify_if_run_checkpoint", "finite_check", "Claim", "claim",
            "check_resumable", "task_checkpoint_path", "write_state", "save_task_checkpoint", "save_in_task",
            "load_in_task", "clear_in_task", "trim_log", "write_acc_csv", "run_metrics"]

@@ -141,8 +141,9 @@ def check_train_config(cfg, world_size: int = 1) -> None:
     if scheme not in SEED_SCHEMES:
         raise OptionError(f"--seed-scheme must be {' or '.join(SEED_SCHEMES)}, got {scheme!r}")
     if scheme != "hash" and cfg.synth != "on-the-fly":
-        raise OptionError(f"--seed-scheme {scheme} sets the prompts and seeds of on-the-fly synthesis (--synth on-the-fly); "
-                          f"a synthetic folder got its scheme when it was generated (gift-fast synth --seed-scheme)")
+        raise OptionError(f"--seed-scheme {scheme} sets the prompts and seeds of on-the-fly synthesis "
+                          f"(--synth on-the-fly); a synthetic folder got its scheme when it was generated "
+                          f"(gift-fast synth --seed-scheme)")
     check_order(cfg.order)
     check_device("--device", cfg.device)
     if cfg.keep_checkpoints not in ("all", "last"):

@@ -124,7 +124,8 @@ def test_on_the_fly_synthesis_follows_the_authors_seed_scheme_when_asked(tmp_pat
         manifest = json.loads((run_syn / f"{name}_Syn" / "manifest.json").read_text())
         assert manifest["seed_scheme"] == "authors"
         # the same image seeds as `gift-fast synth --seed-scheme authors`: the same pixels
-        assert (run_syn / f"{name}_Syn" / "7.png").read_bytes() == (tmp_path / "engine" / f"{name}_Syn" / "7.png").read_bytes()
+        fly_png, engine_png = run_syn / f"{name}_Syn" / "7.png", tmp_path / "engine" / f"{name}_Syn" / "7.png"
+        assert fly_png.read_bytes() == engine_png.read_bytes()
     hashed = ContinualTrainer(dataclasses.replace(cfg, out=str(tmp_path / "hashed"), synth_seed_scheme="hash"))
     hashed.distill_set(0)
     assert _csv_texts(tmp_path / "hashed" / "synthetic" / "ToyShapes_Syn") != _csv_texts(run_syn / "ToyShapes_Syn")
