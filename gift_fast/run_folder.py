@@ -590,7 +590,9 @@ def clear_in_task(out: Path) -> None:
 
 
 def trim_log(log_path: Path, t: int, k: int) -> None:
-    """Drop log records written after step ``k`` of task ``t`` (the resumed run writes them again)."""
+    """Drop the records of a JSON-lines log of the run (log.jsonl, curves.jsonl) that a killed attempt wrote after
+    step ``k`` of task ``t``: the resumed run writes them again. ``k == 0`` (the task starts over) drops all of task
+    ``t``, its step-0 curve point included; a line cut by the kill is dropped."""
     if not log_path.is_file():
         return
     keep = []
@@ -600,7 +602,7 @@ def trim_log(log_path: Path, t: int, k: int) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError:      # a line cut by the kill
                 continue
-            if rec.get("task_index", -1) > t or (rec.get("task_index") == t and rec.get("step", 0) > k):
+            if rec.get("task_index", -1) > t or (rec.get("task_index") == t and (rec.get("step", 0) > k or k == 0)):
                 continue
             keep.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(log_path, "".join(keep))

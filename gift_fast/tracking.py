@@ -55,8 +55,9 @@ import torch.nn.functional as F
 from gift_fast.data.cache import normalize_uint8
 from gift_fast.distributed import all_reduce_sum, all_reduce_tensors_
 from gift_fast.evaluate import iter_eval_batches, zero_shot_classifier
-from gift_fast.files import append_text_line, atomic_write_text
+from gift_fast.files import append_text_line
 from gift_fast.report import plot_run, save_figure
+from gift_fast.run_folder import trim_log
 from gift_fast.text import encode_text
 
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
@@ -261,7 +262,8 @@ class RunHooks:
     def on_task_start(self, t: int, k0: int, syn: Optional[Dict[str, Any]]) -> None:
         if self.every <= 0:
             return
-        self._trim_curves(t, k0)
+        if self.main:                  # a killed attempt's points after step k0 go (the resume writes them again)
+            trim_log(self.trainer.out / CURVES_FILE, t, k0)
         if k0 == 0:
             self._point(t, 0, None, syn, syn_row=0)
 
@@ -334,24 +336,6 @@ class RunHooks:
         sums = all_reduce_sum(sums, tr.dist)
         loss, correct, n = (float(v) for v in sums.tolist())
         return loss / n, 100.0 * correct / n
-
-    def _trim_curves(self, t: int, k0: int) -> None:
-        """A task (re)started at step k0 drops the points a killed attempt wrote after it."""
-        path = self.trainer.out / CURVES_FILE
-        if not self.main or not path.is_file():
-            return
-        keep = []
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("task_index", -1) > t or (rec.get("task_index") == t and rec.get("step", 0) > k0) or \
-                        (rec.get("task_index") == t and k0 == 0):
-                    continue
-                keep.append(json.dumps(rec) + "\n")
-        atomic_write_text(path, "".join(keep))
 
 
 def _plain_config(cfg) -> Dict[str, Any]:

@@ -269,3 +269,25 @@ def test_cli_tiny_preset_with_tracking_and_report_curves(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     r = CliRunner().invoke(main, ["train", "--preset", "tiny", "--report-to", "mlflow", "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "--report-to 'mlflow'" in r.output
+
+
+def test_trim_log_drops_what_a_killed_attempt_wrote_after_the_resume_point(tmp_path):
+    """One rule for log.jsonl and curves.jsonl (run_folder.trim_log): a resume at step k of task t keeps the
+    earlier tasks and task t's records up to step k (its step-0 curve point too); starting task t over (k = 0)
+    drops all of task t; a line cut by the kill goes."""
+    from gift_fast.run_folder import trim_log
+
+    recs = [{"task_index": 0, "step": 0}, {"task_index": 0, "step": 4}, {"task_index": 1, "step": 0},
+            {"task_index": 1, "step": 2}, {"task_index": 1, "step": 4}, {"task_index": 1, "step": 6},
+            {"task_index": 2, "step": 0}]
+    path = tmp_path / "curves.jsonl"
+
+    def kept(t, k):
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"task_index": 1, "st')
+        trim_log(path, t, k)
+        return [(r["task_index"], r["step"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    assert kept(1, 4) == [(0, 0), (0, 4), (1, 0), (1, 2), (1, 4)]
+    assert kept(1, 0) == [(0, 0), (0, 4)]
+    trim_log(tmp_path / "absent.jsonl", 1, 4)          # nothing to trim: no file is made
+    assert not (tmp_path / "absent.jsonl").exists()
