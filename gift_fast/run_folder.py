@@ -30,7 +30,6 @@ Errors are ``RunFolderError`` (a ``ValueError``), each naming the file and the f
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import fcntl
 import io
@@ -47,6 +46,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from gift_fast.data.synthetic import reference_pairs
 from gift_fast.files import atomic_write_bytes, atomic_write_text, read_json, write_json
 from gift_fast.metrics import continual_metrics
 # checkpoint I/O (another part of issue 15 moves these to gift_fast.checkpoints, the old names staying)
@@ -338,22 +338,14 @@ REFERENCE_KEY = "--reference-images"     # its entry in state.json's synthetic_f
 
 
 def reference_fingerprint(root: str | os.PathLike) -> Dict[str, str]:
-    """What ``--reference-images`` reads, fingerprinted: the sha256 of its ``image_text.csv`` and of the listed
-    images' names and sizes, or of the ``<class>/<image>`` names and sizes (an added, removed, renamed or resized
-    image changes it; a file rewritten to the same size does not: sizes, not contents, keep a resume cheap)."""
+    """What ``--reference-images`` reads (``data.synthetic.reference_pairs``), fingerprinted: the sha256 of each
+    pair's file name, size and prompt (an added, removed, renamed or resized image, or a changed prompt, changes
+    it; a file rewritten to the same size does not: sizes, not contents, keep a resume cheap)."""
     root = Path(root)
     h = hashlib.sha256()
-    csv_path = root / "image_text.csv"
-    if csv_path.is_file():
-        h.update(sha256_file(csv_path).encode())
-        with open(csv_path, newline="") as fh:
-            files = sorted({row.get("image", "") for row in csv.DictReader(fh)})
-        names = [(name, root / name) for name in files]
-    else:
-        names = [(f"{d.name}/{f.name}", f) for d in sorted(x for x in root.iterdir() if x.is_dir())
-                 for f in sorted(d.iterdir()) if f.is_file()]
-    for name, path in names:
-        h.update(f"{name}\t{path.stat().st_size if path.is_file() else -1}\n".encode())
+    for path, text in reference_pairs(root):
+        size = path.stat().st_size if path.is_file() else -1
+        h.update(f"{os.path.relpath(path, root)}\t{size}\t{text}\n".encode())
     return {"images": h.hexdigest()}
 
 

@@ -29,7 +29,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -271,14 +271,11 @@ def _class_name(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
-def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index: int, image_size: int,
-                       template: str = "a photo of a {}.", progress: bool = True) -> DistillSet:
-    """``n`` real images for task ``task_index`` (Tab. 5): drawn without replacement, seeded.
-
-    ``root`` is either a folder with ``image_text.csv`` (header ``image,text``, paths relative
-    to it) or an ImageFolder layout ``root/<class name>/<image>`` whose prompts are
-    ``template.format(class name)`` (underscores read as spaces).
-    """
+def reference_pairs(root: str | os.PathLike, template: str = "a photo of a {}.") -> List[Tuple[Path, str]]:
+    """The ``(image file, prompt)`` pairs of a ``--reference-images`` folder, in order: its ``image_text.csv``
+    (header ``image,text``, paths relative to it), or an ImageFolder layout ``root/<class name>/<image>`` whose
+    prompts are ``template.format(class name)`` (underscores read as spaces). What a run reads, and what a resume
+    fingerprints (gift_fast.run_folder.reference_fingerprint)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--reference-images {root} is not a folder")
@@ -294,6 +291,18 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
                     pairs.append((f, template.format(_class_name(cls.name))))
     if not pairs:
         raise FileNotFoundError(f"no images under {root}: expected image_text.csv or <class>/<image> folders")
+    return pairs
+
+
+def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index: int, image_size: int,
+                       template: str = "a photo of a {}.", progress: bool = True) -> DistillSet:
+    """``n`` real images for task ``task_index`` (Tab. 5): drawn without replacement, seeded.
+
+    ``root`` is either a folder with ``image_text.csv`` (header ``image,text``, paths relative
+    to it) or an ImageFolder layout ``root/<class name>/<image>`` whose prompts are
+    ``template.format(class name)`` (underscores read as spaces).
+    """
+    pairs = reference_pairs(root, template)
     rng = np.random.default_rng([seed, task_index, 0x5245])
     pick = rng.choice(len(pairs), size=min(n, len(pairs)), replace=False)
     chosen = [pairs[i] for i in sorted(pick)]
@@ -303,5 +312,5 @@ def load_reference_set(root: str | os.PathLike, n: int, *, seed: int, task_index
     return DistillSet(images, labels, prompts, source=str(root))
 
 
-__all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "synthetic_folder", "check_folder_sequence",
+__all__ = ["DistillSet", "load_synthetic_set", "load_reference_set", "reference_pairs", "synthetic_folder", "check_folder_sequence",
            "read_synthetic_rows", "SyntheticFolderMismatch"]
