@@ -27,6 +27,7 @@ the first of the 80.
 Label order: every list is in the label order of the authors' (torchvision's) data set.
 """
 
+import functools
 import importlib.util
 import os
 from typing import List
@@ -1339,6 +1340,7 @@ TEMPLATES = {'Aircraft': ['a photo of a {}, a type of aircraft.', 'a photo of th
 IMAGENET_SYNTHETIC_TEMPLATE = "a photo of a {}."
 
 
+@functools.lru_cache(maxsize=1)     # open_clip's file is read once a process
 def _open_clip_zero_shot_metadata() -> dict:
     """open_clip's ``zero_shot_metadata`` module, run from its file: importing the open_clip
     package costs seconds (torch, timm, transformers); this data file imports nothing of them."""
@@ -1366,8 +1368,7 @@ def _imagenet_templates() -> List[str]:
 def imagenet_classnames() -> List[str]:
     """The 1,000 ImageNet class names as CLIP cleaned them (open_clip's IMAGENET_CLASSNAMES, identical to the
     authors'): the synthetic class pool's base and the CIL benchmarks' name source. A fresh list."""
-    cached = globals().get("IMAGENET_CLASSNAMES")          # the lazy attribute (module __getattr__ below)
-    return list(cached if cached is not None else __getattr__("IMAGENET_CLASSNAMES"))
+    return _imagenet_classnames()
 
 
 _LAZY = {"IMAGENET_CLASSNAMES": _imagenet_classnames, "IMAGENET_TEMPLATES": _imagenet_templates}
